@@ -1,0 +1,118 @@
+"""The balance ratio (BR) and its fixed-size window, as pure functions (SPEC section 2).
+
+For one iteration, after its n_dis D updates, with z the G step's noise batch and x_r the real
+batch of the last D step:
+
+    b = mean D(G_pre(z)),  a = mean D(G_post(z)),  c = mean D(x_r),  r = (a - b) / (c - b).
+
+The denominator is the real/fake gap as D sees it; the numerator is how far one G step closes it.
+Small BR: D too strong for G. Large BR: D too weak. BR is the mean of the last ``size`` finite
+ratios (mean of ratios, not ratio of means).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+#: |c - b| below this makes a measurement non-finite (NaN) instead of a huge ratio.
+DEFAULT_EPS = 1e-8
+
+
+def balance_ratio(
+    d_real: jax.Array,
+    d_fake_before: jax.Array,
+    d_fake_after: jax.Array,
+    eps: float = DEFAULT_EPS,
+) -> jax.Array:
+    """One BR measurement from raw D outputs (no sigmoid); batch means are taken first.
+
+    Args:
+      d_real: D(x_r), any shape (e.g. (B_D,)).
+      d_fake_before: D(G_pre(z)), any shape (e.g. (B_G,)).
+      d_fake_after: D(G_post(z)), same z and D.
+      eps: denominator guard; ``|c - b| < eps`` returns NaN.
+
+    Returns:
+      float32 scalar ``(a - b) / (c - b)``, or NaN when the denominator is below ``eps``.
+
+    >>> import jax.numpy as jnp
+    >>> float(balance_ratio(jnp.array([2.0, 4.0]), jnp.array([0.0, -2.0]), jnp.array([1.0])))
+    0.5
+    """
+    a = jnp.mean(jnp.asarray(d_fake_after, jnp.float32))
+    b = jnp.mean(jnp.asarray(d_fake_before, jnp.float32))
+    c = jnp.mean(jnp.asarray(d_real, jnp.float32))
+    gap = c - b
+    safe_gap = jnp.where(jnp.abs(gap) < eps, 1.0, gap)
+    return jnp.where(jnp.abs(gap) < eps, jnp.nan, (a - b) / safe_gap)
+
+
+class BRWindow(NamedTuple):
+    """Ring buffer of the last ``size`` BR measurements (a pytree usable inside jit).
+
+    Attributes:
+      ratios: float32 (size,); slot ``i % size`` holds the i-th measurement.
+      count: int32 scalar, number of measurements pushed so far (never reset).
+    """
+
+    ratios: jax.Array
+    count: jax.Array
+
+    @property
+    def size(self) -> int:
+        return self.ratios.shape[0]
+
+
+def window_size(window_iterations: int = 1000, br_every: int = 10) -> int:
+    """Entries of the window: ``window_iterations // br_every`` (SPEC default 1000 // 10 = 100)."""
+    if br_every <= 0 or window_iterations < br_every:
+        raise ValueError(
+            f"Need 0 < br_every <= window; got br_every={br_every}, window={window_iterations}."
+        )
+    return window_iterations // br_every
+
+
+def init_window(size: int) -> BRWindow:
+    """An empty window of ``size`` entries."""
+    if size <= 0:
+        raise ValueError(f"BR window `size` must be positive, got {size}.")
+    return BRWindow(jnp.full((size,), jnp.nan, jnp.float32), jnp.zeros((), jnp.int32))
+
+
+def push(window: BRWindow, ratio: jax.Array) -> BRWindow:
+    """Append one measurement, overwriting the oldest once the window is full."""
+    slot = window.count % window.size
+    return BRWindow(window.ratios.at[slot].set(jnp.asarray(ratio, jnp.float32)), window.count + 1)
+
+
+def is_full(window: BRWindow) -> jax.Array:
+    """True once ``size`` measurements have been pushed."""
+    return window.count >= window.size
+
+
+def _stored(window: BRWindow) -> jax.Array:
+    return jnp.arange(window.size) < jnp.minimum(window.count, window.size)
+
+
+def windowed_mean(window: BRWindow) -> jax.Array:
+    """Mean of the finite stored ratios (NaN if there is none)."""
+    use = _stored(window) & jnp.isfinite(window.ratios)
+    n = jnp.sum(use)
+    total = jnp.sum(jnp.where(use, window.ratios, 0.0))
+    return jnp.where(n > 0, total / jnp.maximum(n, 1), jnp.nan)
+
+
+def num_ignored(window: BRWindow) -> jax.Array:
+    """How many stored entries are non-finite and so left out of ``windowed_mean`` (int32)."""
+    return jnp.sum(_stored(window) & ~jnp.isfinite(window.ratios), dtype=jnp.int32)
+
+
+def is_measure_step(iteration: int | jax.Array, br_every: int) -> jax.Array | bool:
+    """BR is measured after iteration ``t`` (1-based) when ``t % br_every == 0``."""
+    if isinstance(iteration, int):
+        return iteration > 0 and iteration % br_every == 0
+    t = jnp.asarray(iteration)
+    return (t > 0) & (t % br_every == 0)

@@ -1,0 +1,1 @@
+"""GAN models, losses and train steps (knows nothing about experiments)."""

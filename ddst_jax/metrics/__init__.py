@@ -1,0 +1,1 @@
+"""Evaluation: Inception network (FID variant), FID, Inception Score and training FLOPs."""

@@ -1,0 +1,247 @@
+"""Masks: bool pytrees with the structure of the parameters.
+
+A mask tree has exactly the structure, shapes and key paths of the parameter tree it belongs to.
+Maskable leaves hold a bool array with some entries False; every other leaf holds an all-True
+array (never ``None``), so ``apply_masks`` is a plain ``tree_map`` and masks travel through
+``jit``, ``vmap``, checkpoints and shardings like any other pytree.
+
+Which leaves are maskable is decided by a predicate ``(path, leaf) -> bool`` evaluated on the key
+path and the array. Because mask trees share paths and shapes with the parameters, the same
+predicate works on either tree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+KeyPath = tuple[Any, ...]
+MaskablePredicate = Callable[[KeyPath, Any], bool]
+
+#: Module-name fragments whose kernels stay dense by default (SPEC section 1): class embeddings
+#: and BigGAN's dense classifier / projection head.
+DEFAULT_DENSE_MODULE_FRAGMENTS: tuple[str, ...] = ("embed", "projection", "classifier")
+
+
+def key_name(key: Any) -> str:
+    """The plain name of one entry of a JAX key path (dict key, attribute or index)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_str(path: KeyPath) -> str:
+    """A key path as ``'Block_0/Conv_0/kernel'``.
+
+    >>> import jax
+    >>> [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path({'a': {'kernel': 0}})]
+    ['a/kernel']
+    """
+    return "/".join(key_name(k) for k in path)
+
+
+def default_is_maskable(path: KeyPath, leaf: Any) -> bool:
+    """SPEC section 1: every conv/dense ``kernel`` (also under spectral norm) is maskable.
+
+    Biases, normalisation scales/offsets, spectral-norm ``u``/``sigma`` state (which lives in
+    another collection) and embeddings are not; neither is a kernel inside a module whose name
+    contains one of ``DEFAULT_DENSE_MODULE_FRAGMENTS`` (class embeddings, BigGAN's projection or
+    classifier head).
+
+    >>> import numpy as np
+    >>> default_is_maskable(('Conv_0', 'kernel'), np.zeros((3, 3, 3, 8)))
+    True
+    >>> default_is_maskable(('Conv_0', 'bias'), np.zeros((8,)))
+    False
+    """
+    names = [key_name(k) for k in path]
+    if not names or names[-1] != "kernel" or np.ndim(leaf) < 2:
+        return False
+    modules = [n.lower() for n in names[:-1]]
+    return not any(frag in m for m in modules for frag in DEFAULT_DENSE_MODULE_FRAGMENTS)
+
+
+def maskable_except(patterns: Sequence[str]) -> MaskablePredicate:
+    """The default predicate, additionally keeping dense every leaf whose path contains a pattern.
+
+    Example: ``maskable_except(['Conv_0'])`` leaves a network's first conv dense.
+    """
+    patterns = tuple(patterns)
+
+    def predicate(path: KeyPath, leaf: Any) -> bool:
+        return default_is_maskable(path, leaf) and not any(p in path_str(path) for p in patterns)
+
+    return predicate
+
+
+def _predicate(is_maskable: MaskablePredicate | None) -> MaskablePredicate:
+    return default_is_maskable if is_maskable is None else is_maskable
+
+
+def maskable_tree(tree: PyTree, is_maskable: MaskablePredicate | None = None) -> PyTree:
+    """A pytree like ``tree`` of Python bools: which leaves are maskable."""
+    pred = _predicate(is_maskable)
+    return jax.tree_util.tree_map_with_path(lambda p, x: bool(pred(p, x)), tree)
+
+
+def maskable_leaves(
+    tree: PyTree, is_maskable: MaskablePredicate | None = None
+) -> list[tuple[KeyPath, Any]]:
+    """The ``(path, leaf)`` pairs of the maskable leaves, in tree-flatten order."""
+    pred = _predicate(is_maskable)
+    return [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(tree) if pred(p, x)]
+
+
+def check_same_structure(
+    a: PyTree, b: PyTree, name_a: str, name_b: str, *, shapes: bool = True
+) -> None:
+    """Raise ``ValueError`` naming the first difference if two trees differ in structure/shapes."""
+    paths_a = jax.tree_util.tree_leaves_with_path(a)
+    paths_b = jax.tree_util.tree_leaves_with_path(b)
+    keys_a = [path_str(p) for p, _ in paths_a]
+    keys_b = [path_str(p) for p, _ in paths_b]
+    if keys_a != keys_b:
+        missing = sorted(set(keys_a) - set(keys_b))
+        extra = sorted(set(keys_b) - set(keys_a))
+        detail = (
+            f"{name_b} lacks {missing[:3]}" if missing else f"{name_b} has extra {extra[:3]}"
+        ) if (missing or extra) else "leaf order differs"
+        raise ValueError(
+            f"`{name_a}` and `{name_b}` must have the same tree structure: {detail}. "
+            f"Build {name_b} from the same parameter tree (e.g. init_masks(key, params, ...))."
+        )
+    for (path, x), (_, y) in zip(paths_a, paths_b, strict=True):
+        if shapes and np.shape(x) != np.shape(y):
+            raise ValueError(
+                f"`{name_a}` and `{name_b}` differ in shape at '{path_str(path)}': "
+                f"{np.shape(x)} vs {np.shape(y)}."
+            )
+
+
+def count_for_density(density: float, size: int) -> int:
+    """Exact active count for a density: ``round(density * size)``, half up, at least 1.
+
+    >>> count_for_density(0.1, 27), count_for_density(0.25, 2), count_for_density(1e-9, 100)
+    (3, 1, 1)
+    """
+    return int(min(size, max(1, math.floor(density * size + 0.5))))
+
+
+def validate_density(density: float, name: str = "density") -> float:
+    """Return ``density`` as float if it lies in (0, 1]; otherwise raise a clear ``ValueError``."""
+    d = float(density)
+    if not (0.0 < d <= 1.0) or math.isnan(d):
+        raise ValueError(f"`{name}` must lie in (0, 1], got {density!r}.")
+    return d
+
+
+def init_masks(
+    key: jax.Array,
+    params: PyTree,
+    densities: PyTree | float,
+    *,
+    is_maskable: MaskablePredicate | None = None,
+) -> PyTree:
+    """Random masks with exactly ``round(d * N)`` active entries per maskable leaf (at least 1).
+
+    Active positions are drawn uniformly without replacement from ``key``; each leaf uses the key
+    folded with its flatten index, so the draw is the same on every process holding ``key``.
+
+    Args:
+      key: a PRNG key (typed or raw), shared by all processes.
+      params: parameter pytree (arrays or ``ShapeDtypeStruct``s).
+      densities: one float for every maskable leaf, or a pytree like ``params`` of Python floats
+        (as returned by ``erk_densities``); entries of non-maskable leaves are ignored.
+      is_maskable: predicate ``(path, leaf) -> bool``; defaults to ``default_is_maskable``.
+
+    Returns:
+      A bool pytree like ``params``; all-True at non-maskable leaves.
+
+    >>> import jax, jax.numpy as jnp
+    >>> m = init_masks(jax.random.key(0), {'kernel': jnp.zeros((4, 5))}, 0.25)
+    >>> int(m['kernel'].sum())
+    5
+    """
+    pred = _predicate(is_maskable)
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if isinstance(densities, int | float):
+        dens = [densities] * len(leaves_with_path)
+    else:
+        check_same_structure(params, densities, "params", "densities", shapes=False)
+        dens = jax.tree_util.tree_leaves(densities)
+    out = []
+    for i, ((path, leaf), d) in enumerate(zip(leaves_with_path, dens, strict=True)):
+        shape = np.shape(leaf)
+        if not pred(path, leaf):
+            out.append(jnp.ones(shape, dtype=bool))
+            continue
+        d = validate_density(d, f"densities['{path_str(path)}']")
+        size = int(np.prod(shape))
+        k = count_for_density(d, size)
+        # A random permutation's first k positions: uniform without replacement, exact count.
+        chosen = jax.random.permutation(jax.random.fold_in(key, i), size)[:k]
+        flat = jnp.zeros((size,), dtype=bool).at[chosen].set(True)
+        out.append(flat.reshape(shape))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+    """Effective parameters ``w * m`` (inactive entries exactly 0, dtype of ``params`` kept).
+
+    >>> import jax.numpy as jnp
+    >>> apply_masks({'w': jnp.array([1., 2.])}, {'w': jnp.array([True, False])})['w'].tolist()
+    [1.0, 0.0]
+    """
+    check_same_structure(params, masks, "params", "masks")
+    return jax.tree_util.tree_map(
+        lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, masks
+    )
+
+
+def count_active(
+    masks: PyTree, *, is_maskable: MaskablePredicate | None = None, per_leaf: bool = False
+) -> jax.Array | PyTree:
+    """Active entries over the maskable leaves (int32 scalar), or per leaf with ``per_leaf=True``.
+
+    Per leaf, non-maskable leaves report their full size.
+    """
+    pred = _predicate(is_maskable)
+    if per_leaf:
+        return jax.tree_util.tree_map(lambda m: jnp.sum(m, dtype=jnp.int32), masks)
+    counts = [jnp.sum(m, dtype=jnp.int32) for p, m in jax.tree_util.tree_leaves_with_path(masks)
+              if pred(p, m)]
+    return sum(counts, jnp.zeros((), jnp.int32))
+
+
+def num_maskable(tree: PyTree, *, is_maskable: MaskablePredicate | None = None) -> int:
+    """Number of maskable entries N (a Python int) of a params or mask tree."""
+    return int(sum(int(np.prod(np.shape(x))) for _, x in maskable_leaves(tree, is_maskable)))
+
+
+def density(
+    masks: PyTree, *, is_maskable: MaskablePredicate | None = None, per_leaf: bool = False
+) -> jax.Array | PyTree:
+    """Fraction of active maskable entries (float32), overall or per leaf (1.0 if not maskable).
+
+    >>> import jax.numpy as jnp
+    >>> float(density({'kernel': jnp.array([[True, False], [False, False]])}))
+    0.25
+    """
+    if per_leaf:
+        return jax.tree_util.tree_map(lambda m: jnp.mean(m, dtype=jnp.float32), masks)
+    total = num_maskable(masks, is_maskable=is_maskable)
+    if total == 0:
+        return jnp.ones((), jnp.float32)
+    return count_active(masks, is_maskable=is_maskable).astype(jnp.float32) / total
+
+
+def dense_masks(params: PyTree) -> PyTree:
+    """All-True masks like ``params`` (the dense method)."""
+    return jax.tree_util.tree_map(lambda p: jnp.ones(np.shape(p), bool), params)
