@@ -362,7 +362,7 @@ def load_source(data_config: ml_collections.ConfigDict, *, seed: int) -> ImageSo
       seed: seeds the synthetic pool (other sources ignore it).
     """
     c = default_config()
-    c.update(data_config)
+    c.update(data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config))
     validate_config(c)
     if c.source == "synthetic":
         return ArraySource(*synthetic_images(seed, c.synthetic_size, c.image_size))

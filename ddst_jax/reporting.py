@@ -113,7 +113,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def _prepare_jsonl(path: str, resume_step: int | None) -> None:
+def truncate_jsonl(path: str, resume_step: int | None) -> None:
     """Drops rows after `resume_step` and any half-written last line, atomically."""
     if not os.path.exists(path):
         return
@@ -184,7 +184,7 @@ class MetricWriter:
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        _prepare_jsonl(self.jsonl_path, resume_step)
+        truncate_jsonl(self.jsonl_path, resume_step)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
         if tensorboard:
             from tensorboardX import SummaryWriter

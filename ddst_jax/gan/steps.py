@@ -1,0 +1,372 @@
+"""The sparse-GAN train state and one training iteration as a single jitted function.
+
+One iteration (SPEC sections 2, 4-6) = ``n_dis`` D steps in a ``lax.scan`` -> one G step that
+also yields b = mean D(G_pre(z)) -> every ``br_every`` iterations the side-effect-free BR forwards
+a = mean D(G_post(z)) and c = mean D(x_r) -> every dT_G iterations G's drop-and-grow -> every
+dT_D iterations D's density decision -> the sparse EMA of G. Masks are multiplied into the
+parameters inside every forward; the scheduled updates run under ``lax.cond`` so mask changes
+never retrace or recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ddst_jax import balance, control
+from ddst_jax import sparsity as sp
+from ddst_jax.gan import losses
+from ddst_jax.gan.methods import MethodSpec
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue the same trajectory (a pytree).
+
+    Attributes:
+      step: int32, completed iterations.
+      g_params, d_params: parameters (inactive entries are exactly 0).
+      g_state: G's BatchNorm running statistics; d_state: D's spectral-norm u/sigma.
+      g_opt, d_opt: optimizer states.
+      g_masks, d_masks: bool masks like the params.
+      g_ema: EMA of G's parameters, kept sparse with G's mask.
+      br_window: the BR ring buffer.
+      controller: D-density controller state (target active count).
+      key: typed PRNG key of the run.
+    """
+
+    step: jax.Array
+    g_params: PyTree
+    g_state: PyTree
+    d_params: PyTree
+    d_state: PyTree
+    g_opt: PyTree
+    d_opt: PyTree
+    g_masks: PyTree
+    d_masks: PyTree
+    g_ema: PyTree
+    br_window: balance.BRWindow
+    controller: control.ControllerState
+    key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class GanSetup:
+    """Static description of a run's iteration (models, optimizers, method, schedules)."""
+
+    generator: nn.Module
+    discriminator: nn.Module
+    g_tx: optax.GradientTransformation
+    d_tx: optax.GradientTransformation
+    method: MethodSpec
+    z_dim: int
+    image_shape: tuple[int, int, int]
+    batch_g: int
+    batch_d: int
+    n_dis: int
+    total_iterations: int
+    g_update_every: int = 500
+    drop_fraction: float = 0.5
+    drop_fraction_final: float = 0.005
+    br_every: int = 10
+    br_window: int = 100
+    br_eps: float = balance.DEFAULT_EPS
+    ema_decay: float = 0.999
+    density_control: control.DensityControl | None = None
+    is_maskable: Callable | None = None
+
+
+def _masked(params: PyTree, masks: PyTree, setup: GanSetup) -> PyTree:
+    return sp.apply_masks(params, masks) if setup.method.masked else params
+
+
+def _densities(params: PyTree, density: float, setup: GanSetup, distribution: str,
+               power: float) -> PyTree:
+    return sp.layer_densities(params, density, distribution, is_maskable=setup.is_maskable,
+                              power=power)
+
+
+def init_state(setup: GanSetup, key: jax.Array, *, distribution: str = "erk",
+               erk_power: float = 1.0) -> TrainState:
+    """Initial state: fresh params, ERK (or uniform) masks from ``key``, empty BR window.
+
+    Every process that calls this with the same key draws the same params and masks.
+    """
+    k_g, k_d, k_gm, k_dm, k_run = jax.random.split(key, 5)
+    z = jnp.zeros((1, setup.z_dim))
+    g_vars = setup.generator.init(k_g, z, train=False)
+    d_vars = setup.discriminator.init(k_d, jnp.zeros((1, *setup.image_shape)))
+    g_params, d_params = g_vars["params"], d_vars["params"]
+    m = setup.method
+    if m.masked:
+        g_masks = sp.init_masks(k_gm, g_params, _densities(g_params, m.g_density, setup,
+                                distribution, erk_power), is_maskable=setup.is_maskable)
+        d_masks = sp.init_masks(k_dm, d_params, _densities(d_params, m.d_density, setup,
+                                distribution, erk_power), is_maskable=setup.is_maskable)
+    else:
+        g_masks, d_masks = sp.dense_masks(g_params), sp.dense_masks(d_params)
+    g_params = sp.apply_masks(g_params, g_masks)
+    d_params = sp.apply_masks(d_params, d_masks)
+    d_count = sp.count_active(d_masks, is_maskable=setup.is_maskable)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        g_params=g_params,
+        g_state=g_vars.get("batch_stats", {}),
+        d_params=d_params,
+        d_state=d_vars.get("batch_stats", {}),
+        g_opt=setup.g_tx.init(g_params),
+        d_opt=setup.d_tx.init(d_params),
+        g_masks=g_masks,
+        d_masks=d_masks,
+        g_ema=jax.tree_util.tree_map(jnp.copy, g_params),  # own buffers: state is donated
+        br_window=balance.init_window(setup.br_window),
+        controller=control.ControllerState(jnp.asarray(d_count, jnp.int32)),
+        key=k_run,
+    )
+
+
+def generate(setup: GanSetup, params: PyTree, g_state: PyTree, masks: PyTree, z: jax.Array,
+             *, train: bool = True) -> jax.Array:
+    """Images from G with masked ``params`` (e.g. the EMA); BN running stats are not written."""
+    variables = {"params": _masked(params, masks, setup), "batch_stats": g_state}
+    if train:
+        images, _ = setup.generator.apply(variables, z, train=True, mutable=["batch_stats"])
+        return images
+    return setup.generator.apply(variables, z, train=False)
+
+
+def _sample_z(key: jax.Array, batch: int, setup: GanSetup, sharding) -> jax.Array:
+    z = jax.random.normal(key, (batch, setup.z_dim))
+    return z if sharding is None else jax.lax.with_sharding_constraint(z, sharding)
+
+
+def _d_steps(setup: GanSetup, state: TrainState, real: jax.Array, key: jax.Array, z_sharding):
+    """n_dis D updates in a scan; returns the new D pieces, G's BN state, losses, last grads."""
+    G, D = setup.generator, setup.discriminator
+    g_eff = _masked(state.g_params, state.g_masks, setup)
+    policy = setup.method.policy
+
+    def one_step(carry, inputs):
+        d_params, d_state, d_opt, g_state, _ = carry
+        x_real, k = inputs
+        z = _sample_z(k, setup.batch_d, setup, z_sharding)
+        fake, g_upd = G.apply({"params": g_eff, "batch_stats": g_state}, z, train=True,
+                              mutable=["batch_stats"])
+        fake = jax.lax.stop_gradient(fake)
+
+        def loss_fn(d_eff):
+            # Real and fake in one forward: one spectral-norm power iteration per D step.
+            scores, upd = D.apply({"params": d_eff, "batch_stats": d_state},
+                                  jnp.concatenate([x_real, fake]), mutable=["batch_stats"])
+            n = x_real.shape[0]
+            return losses.d_hinge_loss(scores[:n], scores[n:]), upd
+
+        d_eff = _masked(d_params, state.d_masks, setup)
+        # Gradient w.r.t. the effective weights w*m: dense, as the paper's code feeds Adam.
+        (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_eff)
+        if setup.method.masked:
+            d_params, d_opt = sp.sparse_update(setup.d_tx, grads, d_opt, d_params, state.d_masks,
+                                               policy)
+        else:
+            updates, d_opt = setup.d_tx.update(grads, d_opt, d_params)
+            d_params = optax.apply_updates(d_params, updates)
+        return (d_params, upd["batch_stats"], d_opt, g_upd["batch_stats"], grads), loss
+
+    keys = jax.random.split(key, setup.n_dis)
+    zero_grads = jax.tree_util.tree_map(jnp.zeros_like, state.d_params)
+    carry = (state.d_params, state.d_state, state.d_opt, state.g_state, zero_grads)
+    (d_params, d_state, d_opt, g_state, d_grads), d_losses = jax.lax.scan(
+        one_step, carry, (real, keys))
+    return d_params, d_state, d_opt, g_state, d_grads, d_losses
+
+
+def _g_step(setup: GanSetup, state: TrainState, d_params, d_state, g_state, key, z_sharding):
+    """One G update; returns new G pieces, D's SN state, loss, dense grads, z and b-scores."""
+    G, D = setup.generator, setup.discriminator
+    d_eff = _masked(d_params, state.d_masks, setup)
+    z = _sample_z(key, setup.batch_g, setup, z_sharding)
+
+    def loss_fn(g_eff):
+        fake, g_upd = G.apply({"params": g_eff, "batch_stats": g_state}, z, train=True,
+                              mutable=["batch_stats"])
+        scores, d_upd = D.apply({"params": d_eff, "batch_stats": d_state}, fake,
+                                mutable=["batch_stats"])
+        return losses.g_hinge_loss(scores), (scores, g_upd["batch_stats"], d_upd["batch_stats"])
+
+    g_eff = _masked(state.g_params, state.g_masks, setup)
+    (loss, (b_scores, g_state, d_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(g_eff)
+    if setup.method.masked:
+        g_params, g_opt = sp.sparse_update(setup.g_tx, grads, state.g_opt, state.g_params,
+                                           state.g_masks, setup.method.policy)
+    else:
+        updates, g_opt = setup.g_tx.update(grads, state.g_opt, state.g_params)
+        g_params = optax.apply_updates(state.g_params, updates)
+    return g_params, g_state, g_opt, d_state, loss, grads, z, b_scores
+
+
+def _br_forwards(setup: GanSetup, g_params, g_state, g_masks, d_params, d_state, d_masks, z,
+                 x_real):
+    """a-scores D(G_post(z)) and c-scores D(x_r), with no state written (SPEC section 2)."""
+    D = setup.discriminator
+    d_vars = {"params": _masked(d_params, d_masks, setup), "batch_stats": d_state}
+    fake_post = generate(setup, g_params, g_state, g_masks, z, train=True)
+    a_scores = D.apply(d_vars, fake_post, update_stats=False)
+    c_scores = D.apply(d_vars, x_real, update_stats=False)
+    return a_scores, c_scores
+
+
+def _grow_scores(setup: GanSetup, grads: PyTree, masks: PyTree, key: jax.Array) -> PyTree:
+    if setup.method.regrow == "rigl":
+        return sp.gradient_scores(grads)
+    return sp.random_scores(key, masks)
+
+
+def _g_mask_update(setup: GanSetup, t, g_params, g_masks, g_opt, g_grads, key):
+    """G's drop-and-grow on update steps (lax.cond); returns params, masks, opt state."""
+
+    def update(operands):
+        params, masks, opt = operands
+        f = sp.cosine_drop_fraction(t, setup.total_iterations, setup.drop_fraction,
+                                    setup.drop_fraction_final)
+        upd = sp.drop_and_grow_update(masks, sp.magnitude_scores(params),
+                                      _grow_scores(setup, g_grads, masks, key), f,
+                                      scope=setup.method.scope, is_maskable=setup.is_maskable)
+        opt = sp.optimizer_state_after_regrowth(setup.g_tx, opt, upd.grown, setup.method.policy)
+        return sp.params_after_update(params, upd), upd.masks, opt
+
+    do = sp.is_update_step(t, setup.g_update_every, setup.total_iterations)
+    return jax.lax.cond(do, update, lambda o: o, (g_params, g_masks, g_opt))
+
+
+def _d_density_update(setup: GanSetup, t, ctrl_state, window, d_params, d_masks, d_opt, d_grads,
+                      key):
+    """Controller decision and its effect on D's masks (lax.switch over the action)."""
+    ctl = setup.density_control
+    ctrl_state, decision = control.controller_step(ctrl_state, window, t, ctl)
+    drop = sp.magnitude_scores(d_params)
+    grow = _grow_scores(setup, d_grads, d_masks, key)
+    policy, pred = setup.method.policy, setup.is_maskable
+
+    def finish(upd, opt):
+        opt = sp.optimizer_state_after_regrowth(setup.d_tx, opt, upd.grown, policy)
+        return sp.params_after_update(d_params, upd), upd.masks, opt
+
+    def keep(opt):
+        return d_params, d_masks, opt
+
+    def resize(opt):
+        return finish(sp.resize_update(d_masks, decision.target_count, drop, grow,
+                                       is_maskable=pred), opt)
+
+    def dst(opt):
+        f = sp.cosine_drop_fraction(t, setup.total_iterations, setup.drop_fraction,
+                                    setup.drop_fraction_final)
+        return finish(sp.drop_and_grow_update(d_masks, drop, grow, f, scope=setup.method.scope,
+                                              is_maskable=pred), opt)
+
+    branches = [None] * 4
+    branches[control.NONE], branches[control.GROW] = keep, resize
+    branches[control.PRUNE], branches[control.DST] = resize, dst
+    d_params, d_masks, d_opt = jax.lax.switch(decision.action, branches, d_opt)
+    return ctrl_state, decision, d_params, d_masks, d_opt
+
+
+def _leaf_counts(masks: PyTree, setup: GanSetup) -> jax.Array:
+    """int32 (num maskable leaves,) active counts in tree-flatten order."""
+    leaves = sp.maskable_leaves(masks, setup.is_maskable)
+    if not leaves:
+        return jnp.zeros((0,), jnp.int32)
+    return jnp.stack([jnp.sum(m, dtype=jnp.int32) for _, m in leaves])
+
+
+def train_iteration(setup: GanSetup, state: TrainState, real: jax.Array,
+                    z_sharding=None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One iteration: n_dis D steps, G step, BR, mask updates, EMA.
+
+    Args:
+      setup: static run description.
+      state: the train state after ``state.step`` iterations.
+      real: (n_dis, B_D, H, W, 3) float32 real batches in [-1, 1], one per D step.
+      z_sharding: optional sharding for noise batches (batch axis on the data mesh axis).
+
+    Returns:
+      The new state and a dict of scalar metrics (``br/ratio`` is NaN when not measured) plus
+      ``g_counts``/``d_counts``, int32 per-leaf active counts.
+    """
+    key, k_d, k_g, k_gm, k_dm = jax.random.split(state.key, 5)
+    t = state.step + 1
+    d_params, d_state, d_opt, g_state, d_grads, d_losses = _d_steps(setup, state, real, k_d,
+                                                                      z_sharding)
+    g_params, g_state, g_opt, d_state, g_loss, g_grads, z, b_scores = _g_step(
+        setup, state, d_params, d_state, g_state, k_g, z_sharding)
+
+    measure = balance.is_measure_step(t, setup.br_every)
+
+    def measure_br(_):
+        a_scores, c_scores = _br_forwards(setup, g_params, g_state, state.g_masks, d_params,
+                                          d_state, state.d_masks, z, real[-1])
+        return balance.balance_ratio(c_scores, b_scores, a_scores, setup.br_eps)
+
+    ratio = jax.lax.cond(measure, measure_br, lambda _: jnp.float32(jnp.nan), None)
+    window = jax.lax.cond(measure, lambda w: balance.push(w, ratio), lambda w: w,
+                          state.br_window)
+
+    g_masks = state.g_masks
+    if setup.method.g_dynamic:
+        g_params, g_masks, g_opt = _g_mask_update(setup, t, g_params, g_masks, g_opt, g_grads,
+                                                  k_gm)
+    d_masks, ctrl_state = state.d_masks, state.controller
+    action = jnp.asarray(control.NONE, jnp.int32)
+    if setup.method.d_control != "static":
+        ctrl_state, decision, d_params, d_masks, d_opt = _d_density_update(
+            setup, t, ctrl_state, window, d_params, d_masks, d_opt, d_grads, k_dm)
+        action = decision.action
+
+    # Sparse EMA: multiplying by the current mask every iteration equals SPEC section 5's
+    # "multiply on mask change" because inactive EMA entries are already 0 otherwise.
+    decay = setup.ema_decay
+    g_ema = jax.tree_util.tree_map(
+        lambda e, m, p: decay * jnp.where(m, e, 0.0) + (1.0 - decay) * p,
+        state.g_ema, g_masks, g_params)
+
+    new_state = TrainState(
+        step=t, g_params=g_params, g_state=g_state, d_params=d_params, d_state=d_state,
+        g_opt=g_opt, d_opt=d_opt, g_masks=g_masks, d_masks=d_masks, g_ema=g_ema,
+        br_window=window, controller=ctrl_state, key=key)
+    n_g = max(1, sp.num_maskable(g_masks, is_maskable=setup.is_maskable))
+    n_d = max(1, sp.num_maskable(d_masks, is_maskable=setup.is_maskable))
+    g_counts, d_counts = _leaf_counts(g_masks, setup), _leaf_counts(d_masks, setup)
+    metrics = {
+        "loss/d": jnp.mean(d_losses),
+        "loss/g": g_loss,
+        "br/ratio": ratio,
+        "br/windowed": balance.windowed_mean(window),
+        "br/ignored": balance.num_ignored(window),
+        "br/window_full": balance.is_full(window),
+        "density/g": jnp.sum(g_counts) / np.float32(n_g),
+        "density/d": jnp.sum(d_counts) / np.float32(n_d),
+        "control/action": action,
+        "g_counts": g_counts,
+        "d_counts": d_counts,
+    }
+    return new_state, metrics
+
+
+def leaf_names(masks: PyTree, setup: GanSetup) -> list[str]:
+    """Names ('Block_0/Conv_0/kernel') of the maskable leaves, in ``*_counts`` order."""
+    return [sp.path_str(p) for p, _ in sp.maskable_leaves(masks, setup.is_maskable)]
+
+
+def leaf_sizes(masks: PyTree, setup: GanSetup) -> list[int]:
+    """Sizes of the maskable leaves, in ``*_counts`` order."""
+    return [int(np.prod(np.shape(m))) for _, m in sp.maskable_leaves(masks, setup.is_maskable)]

@@ -1,0 +1,417 @@
+"""The experiment runner: ``train_and_evaluate(config, workdir)``.
+
+Composes the pure pieces: data -> one jitted iteration (n_dis D steps, G step with BR, mask
+updates, EMA) -> logging / samples / checkpoints. A run is resumable: re-running with the same
+workdir restores every piece of state and the data position and continues the same trajectory;
+a finished run is reported and left alone.
+
+Workdir layout::
+
+    config.json            the run's config
+    checkpoints/<step>/    orbax checkpoints (state + JSON metadata)
+    metrics.jsonl          every logged scalar (also in tensorboard/)
+    density_log.jsonl      per-layer densities at the start and after every mask change
+    samples/iter_XXXXXXX.png   EMA-G sample grids
+    plots/br.png, plots/density.png, summary.json   written at the end
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ddst_jax import balance, checkpoint, control, data, reporting
+from ddst_jax import sparsity as sp
+from ddst_jax.gan import models, steps
+from ddst_jax.gan.methods import MethodSpec, resolve_method
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became non-finite; the last good checkpoint is kept."""
+
+
+DENSITY_LOG = "density_log.jsonl"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def method_spec(config: ml_collections.ConfigDict) -> MethodSpec:
+    """The run's ``MethodSpec`` from ``config.sparsity`` / ``config.control``."""
+    s = config.sparsity
+    return resolve_method(
+        s.method, g_density=s.g_density, setting=s.setting, d_mode=s.d_mode,
+        d_density=s.d_density, d_max=config.control.d_max, regrow=s.regrow, scope=s.scope,
+        policy=s.optimizer_policy)
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{field}: {message}")
+
+
+def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None,
+                    process_count: int | None = None) -> MethodSpec:
+    """Check every field before anything is compiled; one ``ValueError`` naming the field."""
+    t = config.train
+    for name in ("iterations", "n_dis", "batch_size_g", "batch_size_d", "log_every",
+                 "checkpoint_every", "sample_every", "num_samples", "max_to_keep"):
+        _require(int(t[name]) > 0, f"train.{name}", f"must be a positive integer, got {t[name]}.")
+    _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must lie in [0, 1), got {t.ema_decay}.")
+    _require(t.sample_bn_mode in ("train", "eval"), "train.sample_bn_mode",
+             f"use 'train' or 'eval', got {t.sample_bn_mode!r}.")
+    for name in ("lr_g", "lr_d"):
+        _require(t[name] > 0, f"train.{name}", f"must be positive, got {t[name]}.")
+    try:
+        size = models.image_size(config.model.name)
+    except ValueError as e:
+        raise ValueError(f"config.model.name: {e}") from None
+    _require(config.data.image_size == size, "data.image_size",
+             f"is {config.data.image_size} but model {config.model.name!r} works on {size}x{size} "
+             f"images; set --config.data.image_size={size}.")
+    try:
+        spec = method_spec(config)
+    except ValueError as e:
+        raise ValueError(f"config.sparsity: {e}") from None
+    s = config.sparsity
+    _require(s.g_update_every > 0, "sparsity.g_update_every", "must be positive.")
+    for name in ("drop_fraction", "drop_fraction_final"):
+        _require(0.0 <= s[name] <= 1.0, f"sparsity.{name}", f"must lie in [0, 1], got {s[name]}.")
+    _require(s.distribution in ("erk", "uniform"), "sparsity.distribution",
+             f"use 'erk' or 'uniform', got {s.distribution!r}.")
+    b = config.balance
+    try:
+        balance.window_size(b.window, b.br_every)
+    except ValueError as e:
+        raise ValueError(f"config.balance: {e}") from None
+    data.validate_config(config.data)
+    devices = jax.device_count() if device_count is None else device_count
+    processes = jax.process_count() if process_count is None else process_count
+    for name in ("batch_size_g", "batch_size_d"):
+        _require(t[name] % devices == 0 and t[name] % processes == 0, f"train.{name}",
+                 f"{t[name]} is not divisible by the {devices} devices / {processes} processes; "
+                 "use a multiple of the device count.")
+    return spec
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _adam(lr: float, config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    return optax.adam(lr, b1=config.train.beta1, b2=config.train.beta2)
+
+
+def build_setup(config: ml_collections.ConfigDict, spec: MethodSpec) -> steps.GanSetup:
+    """Models, optimizers, schedules and the D-density controller of a run."""
+    G, D = models.build_models(config.model.name, z_dim=config.model.z_dim,
+                               g_ch=config.model.g_ch, d_ch=config.model.d_ch)
+    size = models.image_size(config.model.name)
+    t, s, b = config.train, config.sparsity, config.balance
+    setup = steps.GanSetup(
+        generator=G, discriminator=D, g_tx=_adam(t.lr_g, config), d_tx=_adam(t.lr_d, config),
+        method=spec, z_dim=config.model.z_dim, image_shape=(size, size, 3),
+        batch_g=t.batch_size_g, batch_d=t.batch_size_d, n_dis=t.n_dis,
+        total_iterations=t.iterations, g_update_every=s.g_update_every,
+        drop_fraction=s.drop_fraction, drop_fraction_final=s.drop_fraction_final,
+        br_every=b.br_every, br_window=balance.window_size(b.window, b.br_every), br_eps=b.eps,
+        ema_decay=t.ema_decay)
+    abstract = jax.eval_shape(lambda: D.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    n_d = sp.num_maskable(abstract["params"])
+    c = config.control
+    band = None
+    if c.band_low is not None or c.band_high is not None:
+        default = (0.50, 0.65) if spec.d_control == "dda" else (0.45, 0.55)
+        band = (default[0] if c.band_low is None else c.band_low,
+                default[1] if c.band_high is None else c.band_high)
+    ctl = control.make_density_control(
+        spec.d_control, n_d, t.iterations, band=band, every=c.d_update_every, delta=c.delta,
+        d_min=c.d_min, d_max=c.d_max, cap=spec.d_cap)
+    return dataclasses.replace(setup, density_control=ctl)
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-D data-parallel mesh over every device of every process."""
+    # Auto axes: XLA propagates the batch sharding through the step (sharding in types is not
+    # needed for pure data parallelism).
+    return jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def compile_fns(setup: steps.GanSetup, config: ml_collections.ConfigDict, mesh):
+    """Jitted init and iteration with the state replicated and the batch sharded on 'data'."""
+    replicated = NamedSharding(mesh, P())
+    init = jax.jit(functools.partial(steps.init_state, setup,
+                                     distribution=config.sparsity.distribution,
+                                     erk_power=config.sparsity.erk_power),
+                   out_shardings=replicated)
+    iterate = jax.jit(
+        functools.partial(steps.train_iteration, setup, z_sharding=NamedSharding(mesh, P("data"))),
+        in_shardings=(replicated, NamedSharding(mesh, P(None, "data"))),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0)
+    return init, iterate, replicated
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class _Logger:
+    """Batches per-iteration device metrics and writes them at log points (one host sync)."""
+
+    def __init__(self, writer: reporting.MetricWriter, workdir: str, setup: steps.GanSetup,
+                 g_names: list[str], d_names: list[str], g_sizes: list[int], d_sizes: list[int],
+                 resume_step: int | None):
+        self.writer, self.setup = writer, setup
+        self.g_names, self.d_names = g_names, d_names
+        self.g_sizes, self.d_sizes = np.array(g_sizes), np.array(d_sizes)
+        self.pending: list[tuple[int, dict]] = []
+        self.last_counts: tuple | None = None
+        self.last: dict[str, float] = {}
+        self.density_path = os.path.join(workdir, DENSITY_LOG)
+        if writer.enabled:
+            reporting.truncate_jsonl(self.density_path, -1 if resume_step is None else resume_step)
+            rows = reporting.read_jsonl(self.density_path) if os.path.exists(
+                self.density_path) else []
+            if rows:
+                last = rows[-1]
+                self.last_counts = (tuple(last["g_counts"]), tuple(last["d_counts"]))
+        self.tick = time.perf_counter()
+        self.tick_step: int | None = None
+
+    def add(self, iteration: int, metrics: dict) -> None:
+        self.pending.append((iteration, metrics))
+
+    def _density_row(self, iteration: int, g_counts, d_counts) -> None:
+        key = (tuple(int(c) for c in g_counts), tuple(int(c) for c in d_counts))
+        if key == self.last_counts:
+            return
+        self.last_counts = key
+        if not self.writer.enabled:
+            return
+        row = {
+            "step": iteration, "iteration": iteration,
+            "g": {n: c / s for n, c, s in zip(self.g_names, key[0], self.g_sizes, strict=True)},
+            "d": {n: c / s for n, c, s in zip(self.d_names, key[1], self.d_sizes, strict=True)},
+            "g_counts": list(key[0]), "d_counts": list(key[1]),
+        }
+        with open(self.density_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def log_initial(self, iteration: int, state: steps.TrainState) -> None:
+        g = jax.device_get(steps._leaf_counts(state.g_masks, self.setup))
+        d = jax.device_get(steps._leaf_counts(state.d_masks, self.setup))
+        self._density_row(iteration, g, d)
+        self.tick_step = iteration
+
+    def flush(self) -> dict[str, float]:
+        """Write pending metrics; raise ``TrainingDiverged`` on a non-finite loss."""
+        if not self.pending:
+            return self.last
+        host = jax.device_get([m for _, m in self.pending])
+        its = [it for it, _ in self.pending]
+        self.pending = []
+        for it, m in zip(its, host, strict=True):
+            for name in ("loss/d", "loss/g"):
+                if not math.isfinite(float(m[name])):
+                    raise TrainingDiverged(
+                        f"{name} became {float(m[name])} at iteration {it}. The run stopped "
+                        "without saving this state; the last good checkpoint is kept. Lower the "
+                        "learning rates or change the seed, then re-run to resume from it.")
+            if not math.isnan(float(m["br/ratio"])):
+                self.writer.write_scalars(it, {"br/ratio": float(m["br/ratio"])})
+            self._density_row(it, m["g_counts"], m["d_counts"])
+        last_it, last = its[-1], host[-1]
+        now = time.perf_counter()
+        elapsed_its = last_it - (self.tick_step if self.tick_step is not None else its[0] - 1)
+        rate = elapsed_its / max(now - self.tick, 1e-9)
+        self.tick, self.tick_step = now, last_it
+        scalars = {
+            "loss/d": float(np.mean([m["loss/d"] for m in host])),
+            "loss/g": float(np.mean([m["loss/g"] for m in host])),
+            "br/windowed": float(last["br/windowed"]),
+            "br/ignored": int(last["br/ignored"]),
+            "density/g": float(last["density/g"]),
+            "density/d": float(last["density/d"]),
+            "perf/it_per_s": rate,
+        }
+        for prefix, names, counts, sizes in (
+                ("density/g/", self.g_names, last["g_counts"], self.g_sizes),
+                ("density/d/", self.d_names, last["d_counts"], self.d_sizes)):
+            for n, c, s in zip(names, counts, sizes, strict=True):
+                scalars[prefix + n] = float(c) / float(s)
+        self.writer.write_scalars(last_it, {k: v for k, v in scalars.items()
+                                            if not (isinstance(v, float) and math.isnan(v))})
+        self.last = scalars
+        return scalars
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def _sample_grid(setup: steps.GanSetup, state: steps.TrainState, z: jax.Array,
+                 bn_mode: str) -> np.ndarray:
+    images = steps.generate(setup, state.g_ema, state.g_state, state.g_masks, z,
+                            train=bn_mode == "train")
+    return np.asarray(jax.device_get(images))
+
+
+def _save_samples(workdir: str, writer: reporting.MetricWriter, iteration: int,
+                  images: np.ndarray) -> str | None:
+    if not writer.enabled:
+        return None
+    path = os.path.join(workdir, "samples", f"iter_{iteration:07d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    reporting.save_image_grid(images, path, nrow=int(math.ceil(math.sqrt(len(images)))))
+    writer.write_images(iteration, {"samples/ema": reporting.to_uint8(images)})
+    return path
+
+
+# ----------------------------------------------------------------------------- main loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train (or resume, or report a finished run) in ``workdir``; returns the summary dict."""
+    if config.parallel.distributed:
+        jax.distributed.initialize()
+    spec = validate_config(config)
+    workdir = os.path.abspath(workdir)
+    primary = reporting.is_primary()
+    source = data.load_source(config.data, seed=config.seed)
+    setup = build_setup(config, spec)
+    mesh = make_mesh()
+    init_fn, iterate, replicated = compile_fns(setup, config, mesh)
+    abstract = checkpoint.abstract_state(jax.eval_shape(init_fn, jax.random.key(config.seed)),
+                                         sharding=replicated)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
+    restored = ckpt.restore(abstract)
+    if restored is not None and restored.metadata.get("finished"):
+        summary_path = os.path.join(workdir, "summary.json")
+        logging.info("Run in %s is finished (iteration %s).", workdir,
+                     restored.metadata.get("iteration"))
+        ckpt.close()
+        if os.path.exists(summary_path):
+            with open(summary_path, encoding="utf-8") as f:
+                return json.load(f)
+        return {"finished": True, "iteration": restored.metadata.get("iteration")}
+    if restored is None:
+        state = init_fn(jax.random.key(config.seed))
+        start = 0
+        if primary:
+            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(config.to_json_best_effort(indent=2))
+    else:
+        state, meta = restored
+        start = int(meta["iteration"])
+        if meta.get("config_hash") not in (None, _config_hash(config)):
+            logging.warning("Resuming with a config that differs from the checkpoint's.")
+        logging.info("Resuming from iteration %d in %s.", start, workdir)
+
+    t, total = config.train, config.train.iterations
+    writer = reporting.MetricWriter(workdir, resume_step=start if restored else -1)
+    logger = _Logger(writer, workdir, setup, steps.leaf_names(state.g_masks, setup),
+                     steps.leaf_names(state.d_masks, setup), steps.leaf_sizes(state.g_masks, setup),
+                     steps.leaf_sizes(state.d_masks, setup), start if restored else None)
+    logger.log_initial(start, state)
+    sample_z = jax.device_put(
+        jax.random.normal(jax.random.key(config.seed + 1), (t.num_samples, setup.z_dim)),
+        replicated)
+
+    def metadata(iteration: int, finished: bool) -> dict[str, Any]:
+        return {"iteration": iteration, "data_position": iteration * t.n_dis,
+                "finished": finished, "config_hash": _config_hash(config)}
+
+    batches = data.BatchIterator(source, start * t.n_dis, t.batch_size_d, seed=config.seed,
+                                 flip=config.data.flip, stack=t.n_dis,
+                                 prefetch=config.data.prefetch, mesh=mesh)
+    bar = reporting.progress_bar(total, initial=start, enabled=primary and t.progress_bar)
+    stop = checkpoint.install_stop_handler()
+    iteration, stopped, t_start = start, False, time.perf_counter()
+    try:
+        with batches:
+            while iteration < total:
+                _, batch = next(batches)
+                state, metrics = iterate(state, batch["image"])
+                iteration += 1
+                logger.add(iteration, metrics)
+                bar.update(1)
+                end = iteration == total
+                if iteration % t.log_every == 0 or end or iteration % t.checkpoint_every == 0:
+                    scalars = logger.flush()
+                    bar.set_postfix(d=f"{scalars['density/d']:.3f}",
+                                    br=f"{scalars['br/windowed']:.2f}", refresh=False)
+                if iteration % t.sample_every == 0 or end:
+                    _save_samples(workdir, writer, iteration,
+                                  _sample_grid(setup, state, sample_z, t.sample_bn_mode))
+                if end or iteration % t.checkpoint_every == 0:
+                    ckpt.save(iteration, state, metadata(iteration, end))
+                if _stop_requested(stop):
+                    logger.flush()
+                    ckpt.save(iteration, state, metadata(iteration, False), force=True)
+                    stopped = True
+                    logging.warning("Stop requested (signal %s): saved iteration %d in %s; "
+                                    "re-run the same command to resume.", stop.signum, iteration,
+                                    workdir)
+                    break
+    finally:
+        stop.close()
+        bar.close()
+        ckpt.wait_until_finished()
+        ckpt.close()
+        writer.flush()
+    wall = time.perf_counter() - t_start
+    summary = _summary(config, spec, setup, state, logger.last, iteration, total, stopped,
+                       wall, iteration - start)
+    if primary and not stopped:
+        summary["plots"] = reporting.plot_curves(
+            writer.jsonl_path, os.path.join(workdir, "plots"),
+            br_band=(setup.density_control.band_low, setup.density_control.band_high))
+        reporting.write_summary(os.path.join(workdir, "summary.json"), summary)
+    writer.close()
+    return summary
+
+
+def _stop_requested(stop: checkpoint.StopFlag) -> bool:
+    # Every process must stop at the same iteration; the collective is only needed multi-host.
+    return stop.requested_anywhere() if jax.process_count() > 1 else stop.requested
+
+
+def _config_hash(config: ml_collections.ConfigDict) -> str:
+    return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _summary(config, spec, setup, state, last: Mapping[str, float], iteration: int, total: int,
+             stopped: bool, wall_s: float, trained: int) -> dict[str, Any]:
+    return {
+        "method": dataclasses.asdict(spec),
+        "iteration": iteration,
+        "iterations": total,
+        "finished": iteration >= total and not stopped,
+        "final": dict(last),
+        "d_count": int(state.controller.count),
+        "d_maskable": setup.density_control.n_weights,
+        "g_density": float(sp.density(state.g_masks, is_maskable=setup.is_maskable)),
+        "d_density": float(sp.density(state.d_masks, is_maskable=setup.is_maskable)),
+        "wall_seconds": wall_s,
+        "iterations_this_session": trained,
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "backend": jax.default_backend(),
+        "config": json.loads(config.to_json_best_effort()),
+    }

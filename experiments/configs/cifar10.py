@@ -1,0 +1,107 @@
+"""CIFAR-10 SNGAN (SPEC section 7) with every SPEC default; ADAPT relaxed at d_G = 0.1.
+
+Usage:
+  python -m experiments.cifar10 --config=experiments/configs/cifar10.py --workdir=DIR
+  python -m experiments.cifar10 --config=experiments/configs/cifar10.py:smoke --workdir=DIR
+  ... --config.sparsity.method=sdst --config.sparsity.d_mode=strong --config.train.iterations=1000
+
+Presets (the part after ':'): none (full paper run), "smoke" (tiny widths, a few iterations,
+small intervals so that G mask updates and D density decisions happen; < 2 min on a 2-core CPU).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from ddst_jax import data
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the run configuration; ``preset`` selects a named variant."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # Seeds params, masks, noise and data order; same seed -> same trajectory.
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "sngan32"  # Architecture: "sngan32" (CIFAR-10) or "sngan48" (STL-10).
+    c.model.z_dim = 128  # Noise dimension.
+    c.model.g_ch = 256  # G width (sngan32: every block).
+    c.model.d_ch = 128  # D width (sngan32: every block).
+
+    c.data = data.default_config()  # Input pipeline; see ddst_jax.data.default_config.
+
+    c.train = ml_collections.ConfigDict()
+    c.train.iterations = 100_000  # Iterations (n_dis D steps + 1 G step each).
+    c.train.n_dis = 5  # D steps per iteration.
+    c.train.batch_size_g = 128  # G step batch (global, all devices).
+    c.train.batch_size_d = 64  # D step batch of real and of fake images (global).
+    c.train.lr_g = 2e-4  # Adam learning rate of G.
+    c.train.lr_d = 2e-4  # Adam learning rate of D.
+    c.train.beta1 = 0.0  # Adam beta1.
+    c.train.beta2 = 0.9  # Adam beta2.
+    c.train.ema_decay = 0.999  # Decay of G's sparse parameter EMA.
+    c.train.log_every = 100  # Iterations between scalar logs (and non-finite checks).
+    c.train.checkpoint_every = 5000  # Iterations between checkpoints (also at the end / signal).
+    c.train.sample_every = 5000  # Iterations between EMA sample grids (also at the end).
+    c.train.num_samples = 64  # Images in a sample grid.
+    c.train.sample_bn_mode = "train"  # G's BN when sampling: "train" (paper) or "eval".
+    c.train.max_to_keep = 3  # Periodic checkpoints kept.
+    c.train.progress_bar = True  # tqdm bar with it/s and ETA on process 0.
+
+    c.sparsity = ml_collections.ConfigDict()
+    c.sparsity.method = "adapt"  # "dense", "static", "sdst", "adapt" (ADAPT/DDST) or "dda".
+    c.sparsity.setting = "relaxed"  # "relaxed" (D cap 1.0) or "strict" (D cap d_max).
+    c.sparsity.d_mode = "balance"  # static/sdst: "balance" (d_D = d_G) or "strong" (d_D = cap).
+    c.sparsity.d_density = config_dict.placeholder(float)  # static/sdst: explicit d_D.
+    c.sparsity.g_density = 0.1  # d_G, fraction of G's maskable weights that are active.
+    c.sparsity.distribution = "erk"  # Layer-wise densities: "erk" or "uniform".
+    c.sparsity.erk_power = 1.0  # Exponent of ERK's raw scores.
+    c.sparsity.scope = "global"  # Drop-and-grow ranking: "global" (paper) or "layer".
+    c.sparsity.regrow = "rigl"  # Grow criterion: "rigl" (largest |grad|) or "set" (random).
+    c.sparsity.g_update_every = 500  # dT_G: iterations between G mask updates.
+    c.sparsity.drop_fraction = 0.5  # f_0 of the cosine drop-fraction schedule.
+    c.sparsity.drop_fraction_final = 0.005  # f_min of the cosine schedule.
+    c.sparsity.optimizer_policy = "paper"  # "paper" (dense grads, moments kept) or "rigl".
+
+    c.balance = ml_collections.ConfigDict()
+    c.balance.br_every = 10  # Iterations between BR measurements.
+    c.balance.window = 1000  # BR window in iterations (window // br_every entries).
+    c.balance.eps = 1e-8  # |c - b| below this makes a measurement non-finite (ignored).
+
+    c.control = ml_collections.ConfigDict()
+    # dT_D in iterations; None: the method's default (1000 relaxed, 2000 strict and DDA).
+    c.control.d_update_every = config_dict.placeholder(int)
+    c.control.band_low = config_dict.placeholder(float)  # B-; None: 0.45 (DDA 0.50).
+    c.control.band_high = config_dict.placeholder(float)  # B+; None: 0.55 (DDA 0.65).
+    c.control.delta = 0.05  # D density step.
+    c.control.d_min = 0.05  # D density floor.
+    c.control.d_max = 0.5  # D density cap of the strict setting.
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.distributed = False  # Call jax.distributed.initialize() (multi-host runs).
+
+    if preset in (None, ""):
+        return c
+    if preset == "smoke":
+        return _smoke(c)
+    raise ValueError(f"Unknown preset {preset!r}; use none or 'smoke'.")
+
+
+def _smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Tiny widths and intervals: every mechanism runs within a couple of minutes on a CPU."""
+    c.model.g_ch = 16
+    c.model.d_ch = 16
+    c.data.source = "synthetic"
+    c.data.synthetic_size = 256
+    c.train.iterations = 40
+    c.train.n_dis = 2
+    c.train.batch_size_g = 16
+    c.train.batch_size_d = 8
+    c.train.log_every = 5
+    c.train.checkpoint_every = 20
+    c.train.sample_every = 20
+    c.train.num_samples = 16
+    c.sparsity.g_density = 0.3
+    c.sparsity.g_update_every = 10
+    c.balance.br_every = 2
+    c.balance.window = 10
+    c.control.d_update_every = 10
+    return c
