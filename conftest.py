@@ -1,6 +1,18 @@
 """Test-wide setup: fake CPU devices must be configured before JAX starts a backend."""
 
-import jax
+import os
+import tempfile
+
+# Tests run a handful of tiny iterations per compiled program, so XLA's CPU backend
+# optimisations cost far more (compile) than they save (run): level 0 halves compile time.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+import jax  # noqa: E402
 
 # Eight fake CPU devices, so mesh/data-parallel code paths run in every test session.
 jax.config.update("jax_num_cpu_devices", 8)
+# Compiled programs are reused across tests that build the same step (resume, re-runs).
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("DDST_TEST_JAX_CACHE",
+                                 os.path.join(tempfile.gettempdir(), "ddst_jax_test_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -101,7 +101,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     except ValueError as e:
         raise ValueError(f"config.balance: {e}") from None
     data.validate_config(config.data)
-    devices = jax.device_count() if device_count is None else device_count
+    devices = device_count or config.parallel.num_devices or jax.device_count()
     processes = jax.process_count() if process_count is None else process_count
     for name in ("batch_size_g", "batch_size_d"):
         _require(t[name] % devices == 0 and t[name] % processes == 0, f"train.{name}",
@@ -145,12 +145,17 @@ def build_setup(config: ml_collections.ConfigDict, spec: MethodSpec) -> steps.Ga
     return dataclasses.replace(setup, density_control=ctl)
 
 
-def make_mesh() -> jax.sharding.Mesh:
-    """A 1-D data-parallel mesh over every device of every process."""
+def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+    """A 1-D data-parallel mesh ('data') over the first ``num_devices`` devices (0: all)."""
+    devices = jax.devices()
+    n = len(devices) if num_devices in (0, None) else num_devices
+    if not 1 <= n <= len(devices):
+        raise ValueError(f"config.parallel.num_devices={num_devices}: only {len(devices)} "
+                         "devices are visible; use 0 for all of them.")
     # Auto axes: XLA propagates the batch sharding through the step (sharding in types is not
     # needed for pure data parallelism).
-    return jax.make_mesh((jax.device_count(),), ("data",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.sharding.Mesh(np.array(devices[:n]), ("data",),
+                             axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def compile_fns(setup: steps.GanSetup, config: ml_collections.ConfigDict, mesh):
@@ -197,9 +202,22 @@ class _Logger:
     def add(self, iteration: int, metrics: dict) -> None:
         self.pending.append((iteration, metrics))
 
-    def _density_row(self, iteration: int, g_counts, d_counts) -> None:
+    def _density_row(self, iteration: int, g_counts, d_counts,
+                     changed: tuple[str, ...] = ()) -> None:
+        """Append a row when a mask update ran (``changed``) or per-layer counts moved.
+
+        The format is ``ddst_jax.metrics.flops``'s (``changed`` lists the networks whose masks
+        were updated, so a layer-scope drop-and-grow that keeps every count still opens a new
+        FLOPs interval), plus the raw counts used to resume.
+        """
         key = (tuple(int(c) for c in g_counts), tuple(int(c) for c in d_counts))
-        if key == self.last_counts:
+        if self.last_counts is not None:
+            moved = tuple(net for net, a, b in zip("gd", key, self.last_counts, strict=True)
+                          if a != b)
+            changed = tuple(sorted(set(changed) | set(moved)))
+        else:
+            changed = ("g", "d")
+        if not changed:
             return
         self.last_counts = key
         if not self.writer.enabled:
@@ -208,7 +226,7 @@ class _Logger:
             "step": iteration, "iteration": iteration,
             "g": {n: c / s for n, c, s in zip(self.g_names, key[0], self.g_sizes, strict=True)},
             "d": {n: c / s for n, c, s in zip(self.d_names, key[1], self.d_sizes, strict=True)},
-            "g_counts": list(key[0]), "d_counts": list(key[1]),
+            "changed": list(changed), "g_counts": list(key[0]), "d_counts": list(key[1]),
         }
         with open(self.density_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -235,7 +253,11 @@ class _Logger:
                         "learning rates or change the seed, then re-run to resume from it.")
             if not math.isnan(float(m["br/ratio"])):
                 self.writer.write_scalars(it, {"br/ratio": float(m["br/ratio"])})
-            self._density_row(it, m["g_counts"], m["d_counts"])
+            updated = tuple(net for net, ran in (
+                ("g", self.setup.method.g_dynamic and sp.is_update_step(
+                    it, self.setup.g_update_every, self.setup.total_iterations)),
+                ("d", int(m["control/action"]) != control.NONE)) if ran)
+            self._density_row(it, m["g_counts"], m["d_counts"], updated)
         last_it, last = its[-1], host[-1]
         now = time.perf_counter()
         elapsed_its = last_it - (self.tick_step if self.tick_step is not None else its[0] - 1)
@@ -294,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     primary = reporting.is_primary()
     source = data.load_source(config.data, seed=config.seed)
     setup = build_setup(config, spec)
-    mesh = make_mesh()
+    mesh = make_mesh(config.parallel.num_devices)
     init_fn, iterate, replicated = compile_fns(setup, config, mesh)
     abstract = checkpoint.abstract_state(jax.eval_shape(init_fn, jax.random.key(config.seed)),
                                          sharding=replicated)

@@ -77,6 +77,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.distributed = False  # Call jax.distributed.initialize() (multi-host runs).
+    c.parallel.num_devices = 0  # Devices of the data-parallel mesh; 0: every device.
 
     if preset in (None, ""):
         return c

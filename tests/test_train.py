@@ -1,0 +1,275 @@
+"""End-to-end training: every method, resume, devices, controller in the loop, failures."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from ddst_jax import checkpoint, data, train
+from ddst_jax import sparsity as sp
+from ddst_jax.gan import losses
+from experiments.configs import cifar10 as cifar10_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+    """8 iterations, masks updated every 2, decisions every 2, BR every iteration."""
+    c = cifar10_config.get_config("smoke")
+    c.model.g_ch = 8
+    c.model.d_ch = 8
+    c.data.source = "synthetic"
+    c.data.synthetic_size = 64
+    c.data.prefetch = 0
+    c.train.iterations = 8
+    c.train.n_dis = 2
+    c.train.batch_size_g = 8
+    c.train.batch_size_d = 8
+    c.train.log_every = 2
+    c.train.checkpoint_every = 4
+    c.train.sample_every = 8
+    c.train.num_samples = 4
+    c.train.progress_bar = False
+    c.sparsity.g_density = 0.3
+    c.sparsity.g_update_every = 2
+    c.balance.br_every = 1
+    c.balance.window = 2
+    c.control.d_update_every = 2
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def restore_final(workdir, config):
+    """The final checkpointed state of a run (restored into a fresh abstract target)."""
+    spec = train.validate_config(config)
+    setup = train.build_setup(config, spec)
+    init_fn, _, replicated = train.compile_fns(setup, config,
+                                               train.make_mesh(config.parallel.num_devices))
+    abstract = checkpoint.abstract_state(jax.eval_shape(init_fn, jax.random.key(config.seed)),
+                                         sharding=replicated)
+    with checkpoint.Checkpointer(workdir) as ckpt:
+        return ckpt.restore(abstract), setup
+
+
+METHODS = {
+    "dense": {"sparsity.method": "dense"},
+    "static_balance": {"sparsity.method": "static"},
+    "static_strong_strict": {"sparsity.method": "static", "sparsity.d_mode": "strong",
+                             "sparsity.setting": "strict"},
+    "sdst_set_layer": {"sparsity.method": "sdst", "sparsity.regrow": "set",
+                       "sparsity.scope": "layer", "sparsity.d_mode": "strong"},
+    "sdst_rigl_policy": {"sparsity.method": "sdst", "sparsity.optimizer_policy": "rigl"},
+    "adapt_relaxed": {"sparsity.method": "adapt"},
+    "adapt_strict": {"sparsity.method": "adapt", "sparsity.setting": "strict"},
+    "dda": {"sparsity.method": "dda"},
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_trains_with_exact_densities_and_logs_br(name, tmp_path):
+    config = tiny_config(**METHODS[name])
+    with tfds.testing.mock_data(num_examples=32):
+        config.data.source = "tfds"
+        summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary["finished"] and summary["iteration"] == 8
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    br_rows = [r for r in rows if "br/ratio" in r]
+    assert len(br_rows) >= 6  # measured every iteration (minus guarded ones)
+    assert any("br/windowed" in r for r in rows)
+    density_rows = read_jsonl(tmp_path / train.DENSITY_LOG)
+    (restored, setup) = restore_final(str(tmp_path), config)
+    state = restored.state
+    spec = setup.method
+    g_counts = [sum(r["g_counts"]) for r in density_rows]
+    d_counts = [sum(r["d_counts"]) for r in density_rows]
+    if spec.masked:
+        dens = jax.tree_util.tree_leaves(sp.erk_densities(state.g_params, spec.g_density))
+        expected_g = sum(
+            sp.count_for_density(d, int(np.size(p)))
+            for (path, p), d in zip(jax.tree_util.tree_leaves_with_path(state.g_params), dens,
+                                    strict=True)
+            if sp.default_is_maskable(path, p))
+        assert set(g_counts) == {expected_g}  # G's count never drifts
+        assert int(sp.count_active(state.g_masks)) == expected_g
+    else:
+        assert summary["g_density"] == 1.0 and summary["d_density"] == 1.0
+    # D's final count equals the controller's integer target.
+    assert int(sp.count_active(state.d_masks)) == int(state.controller.count) == d_counts[-1]
+    if spec.g_dynamic:
+        # At least one G update happened: the per-layer layout changed under the same total.
+        assert len({tuple(r["g_counts"]) for r in density_rows}) > 1 or spec.scope == "layer"
+        assert summary["iteration"] > config.sparsity.g_update_every
+    # The masked params are exactly zero at inactive entries, EMA too.
+    for p, e, m in zip(jax.tree_util.tree_leaves(state.g_params),
+                       jax.tree_util.tree_leaves(state.g_ema),
+                       jax.tree_util.tree_leaves(state.g_masks), strict=True):
+        assert not bool(jnp.any(jnp.where(m, 0.0, p) != 0))
+        assert not bool(jnp.any(jnp.where(m, 0.0, e) != 0))
+    for artefact in ("summary.json", "plots/br.png", "plots/density.png",
+                     "samples/iter_0000008.png"):
+        assert (tmp_path / artefact).exists(), artefact
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+
+
+@pytest.mark.parametrize("band,direction", [((-1e9, -1e9 + 1), 1), ((1e9 - 1, 1e9), -1)])
+def test_controller_in_the_loop_moves_d_density(band, direction, tmp_path):
+    # A BR always above B+ means "D too weak": ADAPT must raise d_D; always below B-: lower it.
+    config = tiny_config(**{"sparsity.method": "adapt", "control.band_low": band[0],
+                            "control.band_high": band[1]})
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    rows = read_jsonl(tmp_path / train.DENSITY_LOG)
+    d = [sum(r["d_counts"]) for r in rows]
+    n_d = summary["d_maskable"]
+    step = sp.count_for_density(0.05, n_d)
+    # Decisions after iterations 2, 4, 6 (the window of 2 entries is full from iteration 2).
+    assert d == [d[0] + direction * k * step for k in range(4)]
+    assert np.sign(summary["d_density"] - 0.3) == direction
+
+
+class _StopAfter:
+    """A stop flag that reports a stop request once ``n`` iterations have been checked."""
+
+    def __init__(self, n):
+        self.n, self.calls, self.signum = n, 0, 15
+
+    @property
+    def requested(self):
+        self.calls += 1
+        return self.calls >= self.n
+
+    def requested_anywhere(self):
+        return self.requested
+
+    def close(self):
+        pass
+
+
+def test_resume_continues_the_same_trajectory(tmp_path, monkeypatch):
+    config = tiny_config(**{"sparsity.method": "adapt", "control.band_low": -1e9,
+                            "control.band_high": -1e9 + 1})
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.train_and_evaluate(config, str(straight))
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "install_stop_handler", lambda *a, **k: _StopAfter(3))
+        first = train.train_and_evaluate(config, str(split))
+    assert not first["finished"] and first["iteration"] == 3
+    second = train.train_and_evaluate(config, str(split))
+    assert second["finished"] and second["iterations_this_session"] == 5
+    a, _ = restore_final(str(straight), config)
+    b, _ = restore_final(str(split), config)
+    chex.assert_trees_all_equal(a.state, b.state)
+    assert a.metadata["data_position"] == b.metadata["data_position"] == 16
+    # The logs of the resumed run match the straight one (rows after the stop were dropped).
+    rows_a = [r for r in read_jsonl(straight / "metrics.jsonl") if "br/ratio" in r]
+    rows_b = [r for r in read_jsonl(split / "metrics.jsonl") if "br/ratio" in r]
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    np.testing.assert_allclose([r["br/ratio"] for r in rows_a], [r["br/ratio"] for r in rows_b])
+    # Re-running a finished run reports it and trains nothing.
+    again = train.train_and_evaluate(config, str(split))
+    assert again["finished"] and again["iteration"] == 8
+
+
+def _run_iterations(config, num_devices, n):
+    config = tiny_config(**{**config, "parallel.num_devices": num_devices})
+    spec = train.validate_config(config)
+    setup = train.build_setup(config, spec)
+    mesh = train.make_mesh(num_devices)
+    init_fn, iterate, _ = train.compile_fns(setup, config, mesh)
+    state = init_fn(jax.random.key(0))
+    source = data.load_source(config.data, seed=0)
+    metrics = []
+    for p in range(n):
+        batch = data.get_stacked_batch(source, p * 2, 8, 2, seed=0)
+        batch = data.shard_batch(batch, mesh, batch_axis=1)
+        state, m = iterate(state, batch["image"])
+        metrics.append(jax.device_get(m))
+    return state, metrics
+
+
+def test_eight_devices_match_one_device():
+    assert jax.device_count() == 8
+    overrides = {"sparsity.method": "adapt"}
+    s1, m1 = _run_iterations(overrides, 1, 4)
+    s8, m8 = _run_iterations(overrides, 8, 4)
+    for a, b in zip(m1, m8, strict=True):
+        np.testing.assert_allclose(a["loss/d"], b["loss/d"], rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(a["loss/g"], b["loss/g"], rtol=2e-4, atol=2e-5)
+    chex.assert_trees_all_equal(jax.device_get(s1.g_masks), jax.device_get(s8.g_masks))
+    chex.assert_trees_all_equal(jax.device_get(s1.d_masks), jax.device_get(s8.d_masks))
+    assert len(s8.g_params["dense"]["kernel"].sharding.device_set) == 8
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    # The config of a method test above, so its compiled step can come from the cache.
+    config = tiny_config(**METHODS["sdst_rigl_policy"])
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "install_stop_handler", lambda *a, **k: _StopAfter(4))
+        train.train_and_evaluate(config, str(tmp_path))
+    ckpt_dir = tmp_path / "checkpoints"
+    assert sorted(os.listdir(ckpt_dir)) == ["4"]
+    before = sorted((p, os.path.getsize(os.path.join(r, p))) for r, _, fs in os.walk(ckpt_dir)
+                    for p in fs)
+    monkeypatch.setattr(losses, "g_hinge_loss", lambda scores: jnp.nan * jnp.mean(scores))
+    with pytest.raises(train.TrainingDiverged, match="loss/g.*last good checkpoint"):
+        train.train_and_evaluate(config, str(tmp_path))
+    after = sorted((p, os.path.getsize(os.path.join(r, p))) for r, _, fs in os.walk(ckpt_dir)
+                   for p in fs)
+    assert sorted(os.listdir(ckpt_dir)) == ["4"] and before == after
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("sparsity.g_density", 1.5, "config.sparsity.*g_density"),
+    ("sparsity.method", "adaptive", "config.sparsity.*Unknown method"),
+    ("train.batch_size_d", 12, "config.train.batch_size_d.*divisible"),
+    ("data.image_size", 48, "config.data.image_size"),
+    ("model.name", "dcgan", "config.model.name"),
+])
+def test_bad_config_is_refused_before_compiling(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        train.validate_config(tiny_config(**{field: value}))
+
+
+def test_cli_missing_dataset_prints_one_clear_message(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.cifar10", f"--workdir={tmp_path / 'run'}",
+         f"--config.data.data_dir={tmp_path / 'empty'}", "--config.data.download=False"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "error:" in proc.stderr and "source=npz" in proc.stderr
+    assert "synthetic" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_help_documents_every_field():
+    proc = subprocess.run([sys.executable, "-m", "experiments.cifar10", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout
+    config = cifar10_config.get_config()
+
+    def fields(prefix, node):
+        for key, value in node.items():
+            name = f"{prefix}.{key}" if prefix else key
+            if hasattr(value, "items"):
+                yield from fields(name, value)
+            else:
+                yield name
+
+    missing = [f for f in fields("", config) if f"--config.{f}=" not in out]
+    assert not missing, missing
