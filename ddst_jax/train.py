@@ -145,6 +145,19 @@ def build_setup(config: ml_collections.ConfigDict, spec: MethodSpec) -> steps.Ga
     return dataclasses.replace(setup, density_control=ctl)
 
 
+def initialize_distributed(parallel: ml_collections.ConfigDict) -> None:
+    """``jax.distributed.initialize`` with the config's explicit cluster spec, if any.
+
+    Must run before any JAX computation. CPU processes talk through gloo collectives.
+    """
+    if jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=parallel.coordinator_address,
+                               num_processes=parallel.num_processes,
+                               process_id=parallel.process_id)
+
+
 def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
     """A 1-D data-parallel mesh ('data') over the first ``num_devices`` devices (0: all)."""
     devices = jax.devices()
@@ -310,7 +323,7 @@ def _save_samples(workdir: str, writer: reporting.MetricWriter, iteration: int,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (or resume, or report a finished run) in ``workdir``; returns the summary dict."""
     if config.parallel.distributed:
-        jax.distributed.initialize()
+        initialize_distributed(config.parallel)
     spec = validate_config(config)
     workdir = os.path.abspath(workdir)
     primary = reporting.is_primary()

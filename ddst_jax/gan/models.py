@@ -9,7 +9,8 @@ Variables:
     default maskable predicate selects exactly these), biases ``bias``, BatchNorm ``scale`` and
     ``bias``.
   * ``batch_stats``: BatchNorm running ``mean``/``var`` of G, and the spectral-norm power-iteration
-    state of D (``u`` and ``sigma``, one pair per kernel, kept there by ``nn.SpectralNorm``).
+    state of D (``u`` and ``sigma``, one pair per kernel, kept there by
+    ``layers.SpectralNorm``, which keeps the raw initial weights in ``params`` as PyTorch does).
 
 Masks are applied to ``params`` before ``apply``; spectral norm then normalises the masked kernel.
 
@@ -34,6 +35,8 @@ from typing import Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ddst_jax.gan.layers import SpectralNorm
 
 InitScheme = Literal["xavier", "kaiming"]
 PoolMode = Literal["sum", "mean"]
@@ -90,7 +93,7 @@ def _spectral_norm(layer: nn.Module, x: jax.Array, update_stats: bool) -> jax.Ar
     wrapper named ``<layer name>_sn``. With ``update_stats=False`` the same power iteration runs
     (same output) but nothing is written, so the call needs no mutable collection.
     """
-    return nn.SpectralNorm(layer, name=f"{layer.name}_sn")(x, update_stats=update_stats)
+    return SpectralNorm(layer, name=f"{layer.name}_sn")(x, update_stats=update_stats)
 
 
 def _check_init(scheme: str) -> None:

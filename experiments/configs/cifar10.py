@@ -77,6 +77,12 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.distributed = False  # Call jax.distributed.initialize() (multi-host runs).
+    # Explicit cluster spec; None: auto-detected (TPU pods, SLURM, Kubernetes...).
+    c.parallel.coordinator_address = config_dict.placeholder(str)
+    # Number of JAX processes; None: auto-detected.
+    c.parallel.num_processes = config_dict.placeholder(int)
+    # This process's index; None: auto-detected.
+    c.parallel.process_id = config_dict.placeholder(int)
     c.parallel.num_devices = 0  # Devices of the data-parallel mesh; 0: every device.
 
     if preset in (None, ""):

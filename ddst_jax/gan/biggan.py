@@ -1,0 +1,628 @@
+"""Class-conditional BigGAN generators and projection discriminators (Brock et al., 2019), NHWC.
+
+One generic implementation covers both BigGAN benchmarks of the paper (SPEC section 7), with the
+layouts of the authors' public code:
+
+  * ``biggan32`` (CIFAR-10, 10 classes): the BigGAN-PyTorch CIFAR model. G: z (128) -> SN dense
+    4x4x256 -> 3 up-blocks of 256 channels whose conditional BatchNorm gains and offsets are
+    per-class tables -> BN, ReLU, SN 3x3 conv, tanh. D: 256-channel blocks (optimized down, down,
+    no-down, no-down: 32 -> 16 -> 8 -> 8 -> 8), ReLU, global sum pool, SN dense to 1, plus the
+    projection term.
+  * ``biggan64`` (TinyImageNet, 200 classes): the StudioGAN BigGAN at 64x64. G: z (100) split in
+    5 chunks; chunk 0 -> SN dense 4x4x1280; up-blocks 1280 -> 640 -> 320 -> 160 -> 80 whose
+    conditional BN reads [shared class embedding (128), chunk i] through bias-free SN linear maps;
+    self-attention after block 3 (32x32). D: 80 -> 160 -> 320 -> 640 (down) -> 1280 (no down),
+    self-attention after block 1, projection head.
+
+Conventions (as ``ddst_jax.gan.models``):
+  * ``Generator.__call__(z (B, z_dim), y (B,) int, train) -> (B, S, S, 3)`` in [-1, 1];
+    ``Discriminator.__call__(x (B, S, S, 3), y (B,) int, update_stats=True) -> (B,)`` raw scores.
+    Label values are not checked (they may be traced): y >= num_classes gives NaN outputs, a
+    negative y indexes from the end of the class tables.
+  * ``params``: every conv/dense weight is a leaf named ``kernel``; class embeddings (G's shared
+    embedding ``embed_shared``, per-class CBN tables, D's projection ``embed_y``) are leaves named
+    ``embedding``; attention gates ``gamma``; biases ``bias``; BN ``scale``/``bias``.
+  * ``batch_stats``: BatchNorm running ``mean``/``var`` (G) and the spectral-norm ``u``/``sigma``
+    of every SN kernel and embedding (G and D). Spectral norm is on every conv and dense of both
+    networks and on D's projection embedding, as in BigGAN.
+
+Maskable (SPEC section 1; ``ddst_jax.sparsity.default_is_maskable`` selects this): every conv
+and dense ``kernel`` except D's unconditional head ``classifier`` and the conditional-BN gain and
+offset maps (modules ``gain_embed`` / ``bias_embed``). The authors' masking code drops every
+parameter whose name contains ``gain``, ``bias`` or ``classifier`` and every ``nn.Embedding``,
+which removes exactly these; ``maskable_including_cbn`` is the predicate that masks the CBN maps
+too (they are dense kernels in ``biggan64``).
+
+Typical use::
+
+    G, D = build_biggan("biggan32")
+    g_vars = G.init(key_g, jnp.zeros((1, G.z_dim)), jnp.zeros((1,), jnp.int32), train=False)
+    d_vars = D.init(key_d, jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32))
+    fake, g_upd = G.apply(g_vars, z, y, train=True, mutable=["batch_stats"])
+    scores, d_upd = D.apply(d_vars, fake, y, mutable=["batch_stats"])  # power iteration step
+    scores = D.apply(d_vars, fake, y, update_stats=False)               # no state change
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddst_jax.gan.layers import SpectralNorm
+from ddst_jax.gan.models import avg_pool2, upsample_nearest
+from ddst_jax.sparsity.masks import default_is_maskable, key_name
+
+InitScheme = Literal["ortho", "n02"]
+
+_INIT_SCHEMES = ("ortho", "n02")
+# PyTorch BatchNorm2d momentum 0.1 on the new batch statistic.
+_BN_MOMENTUM = 0.9
+#: Module names of the conditional-BN gain/offset maps (per-class tables or SN linear maps).
+CBN_MODULE_NAMES: tuple[str, ...] = ("gain_embed", "bias_embed")
+
+
+def weight_init(scheme: InitScheme) -> jax.nn.initializers.Initializer:
+    """Initializer of conv/dense kernels and embedding tables.
+
+    Args:
+      scheme: ``"ortho"`` (BigGAN's and StudioGAN's default): a (semi-)orthogonal matrix once the
+        weight is read as ``(-1, out)``, gain 1, as ``torch.nn.init.orthogonal_`` on the
+        ``(out, -1)`` PyTorch weight. ``"n02"``: N(0, 0.02), what the authors' ``biggan.32``
+        and the BigGAN-PyTorch CIFAR script use.
+
+    Returns:
+      A Flax initializer. Biases always start at zero.
+    """
+    if scheme == "ortho":
+        return nn.initializers.orthogonal()
+    if scheme == "n02":
+        return nn.initializers.normal(0.02)
+    raise ValueError(f"Unknown init scheme {scheme!r}; use one of {_INIT_SCHEMES}.")
+
+
+def max_pool2(x: jax.Array) -> jax.Array:
+    """2x2 max pooling, stride 2: (B, H, W, C) -> (B, H//2, W//2, C)."""
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+def _sn(layer: nn.Module, x: jax.Array, update_stats: bool, epsilon: float) -> jax.Array:
+    """Applies ``layer`` with every weight matrix divided by its largest singular value.
+
+    ``u``/``sigma`` live in ``batch_stats`` under a wrapper named ``<layer name>_sn``; the raw
+    weights stay in ``params`` under the layer's own name. With ``update_stats=False`` the same
+    power iteration runs (same output) and nothing is written.
+    """
+    wrapper = SpectralNorm(layer, epsilon=epsilon, name=f"{layer.name}_sn")
+    return wrapper(x, update_stats=update_stats)
+
+
+def _conv(features: int, size: int, scheme: InitScheme, *, name: str, bias: bool = True) -> nn.Conv:
+    """A size x size, stride-1, SAME-padded convolution (PyTorch padding size // 2)."""
+    return nn.Conv(
+        features, (size, size), use_bias=bias, kernel_init=weight_init(scheme), name=name
+    )
+
+
+def _check_labels(y: jax.Array, batch: int, num_classes: int) -> None:
+    if y.shape != (batch,) or not jnp.issubdtype(y.dtype, jnp.integer):
+        raise ValueError(
+            f"Expected class labels of shape ({batch},) and an integer dtype (values in "
+            f"[0, {num_classes})), got shape {y.shape} and dtype {y.dtype}."
+        )
+
+
+def _check_common(what: str, channels: Sequence[int], num_classes: int, scheme: str) -> None:
+    if len(channels) < 2 or any(int(c) != c or c < 1 for c in channels):
+        raise ValueError(f"{what}.channels must hold at least 2 positive ints, got {channels!r}.")
+    if int(num_classes) != num_classes or num_classes < 1:
+        raise ValueError(f"{what}.num_classes must be a positive int, got {num_classes!r}.")
+    if scheme not in _INIT_SCHEMES:
+        raise ValueError(f"Unknown init scheme {scheme!r}; use one of {_INIT_SCHEMES}.")
+
+
+def _check_attention(what: str, after: int | None, widths: Sequence[int]) -> None:
+    """``after`` is 1-based; the attended map has ``widths[after - 1]`` channels."""
+    if after is None:
+        return
+    if not 1 <= after <= len(widths):
+        raise ValueError(f"{what}.attention_after={after!r} must be in [1, {len(widths)}].")
+    if widths[after - 1] < 8:
+        raise ValueError(
+            f"{what}: self-attention needs at least 8 channels (query/key width C // 8), got "
+            f"{widths[after - 1]} after block {after}."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Shared layers
+# --------------------------------------------------------------------------------------------
+
+
+class ConditionalBatchNorm(nn.Module):
+    """BatchNorm without affine parameters, then a per-sample gain ``1 + g`` and offset ``b``.
+
+    ``(g, b)`` come from per-class tables (``num_classes`` set; ``cond`` is labels (B,)) or from
+    bias-free SN linear maps of a conditioning vector (``num_classes=None``; ``cond`` is
+    (B, D), BigGAN's [shared embedding, z chunk]). ``1 + g`` (BigGAN) keeps the layer a plain BN
+    when the maps output zero. Input and output (B, H, W, C).
+    """
+
+    num_classes: int | None
+    init_scheme: InitScheme = "ortho"
+    bn_epsilon: float = 1e-5
+    sn_epsilon: float = 1e-12
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
+        features = x.shape[-1]
+        h = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=_BN_MOMENTUM,
+            epsilon=self.bn_epsilon,
+            use_scale=False,
+            use_bias=False,
+            name="bn",
+        )(x)
+        init = weight_init(self.init_scheme)
+        if self.num_classes is None:
+            dense = functools.partial(nn.Dense, features, use_bias=False, kernel_init=init)
+            gain = _sn(dense(name="gain_embed"), cond, train, self.sn_epsilon)
+            bias = _sn(dense(name="bias_embed"), cond, train, self.sn_epsilon)
+        else:
+            embed = functools.partial(nn.Embed, self.num_classes, features, embedding_init=init)
+            gain, bias = embed(name="gain_embed")(cond), embed(name="bias_embed")(cond)
+        return h * (1.0 + gain[:, None, None, :]) + bias[:, None, None, :]
+
+
+class SelfAttention(nn.Module):
+    """SAGAN self-attention as in BigGAN/StudioGAN: (B, H, W, C) -> (B, H, W, C).
+
+    Query/key 1x1 convs to C // 8, value to C // 2 (all SN, no bias); keys and values are 2x2
+    max-pooled, so each of the H*W queries attends over H*W/4 positions. The output (1x1 conv back
+    to C) is added to the input scaled by a learned ``gamma`` that starts at 0. H, W even.
+    """
+
+    init_scheme: InitScheme = "ortho"
+    sn_epsilon: float = 1e-12
+
+    @nn.compact
+    def __call__(self, x: jax.Array, update_stats: bool) -> jax.Array:
+        b, h, w, c = x.shape
+        conv = functools.partial(_conv, size=1, scheme=self.init_scheme, bias=False)
+        sn = functools.partial(_sn, update_stats=update_stats, epsilon=self.sn_epsilon)
+        query = sn(conv(c // 8, name="query"), x).reshape(b, h * w, c // 8)
+        key = max_pool2(sn(conv(c // 8, name="key"), x)).reshape(b, h * w // 4, c // 8)
+        value = max_pool2(sn(conv(c // 2, name="value"), x)).reshape(b, h * w // 4, c // 2)
+        attn = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", query, key), axis=-1)
+        out = jnp.einsum("bqk,bkc->bqc", attn, value).reshape(b, h, w, c // 2)
+        out = sn(conv(c, name="out"), out)
+        gamma = self.param("gamma", nn.initializers.zeros_init(), (), jnp.float32)
+        return x + gamma * out
+
+
+# --------------------------------------------------------------------------------------------
+# Generator
+# --------------------------------------------------------------------------------------------
+
+
+class GBlock(nn.Module):
+    """Up-sampling residual block with conditional BN: (B, H, W, C_in) -> (B, 2H, 2W, C_out).
+
+    Residual: CBN, ReLU, nearest x2, SN 3x3 conv, CBN, ReLU, SN 3x3 conv. Shortcut: nearest x2,
+    SN 1x1 conv. ``cond`` feeds both CBNs (labels (B,) or vectors (B, D), see
+    ``ConditionalBatchNorm``).
+    """
+
+    features: int
+    num_classes: int | None
+    init_scheme: InitScheme = "ortho"
+    bn_epsilon: float = 1e-5
+    sn_epsilon: float = 1e-12
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
+        cbn = functools.partial(
+            ConditionalBatchNorm,
+            self.num_classes,
+            init_scheme=self.init_scheme,
+            bn_epsilon=self.bn_epsilon,
+            sn_epsilon=self.sn_epsilon,
+        )
+        conv = functools.partial(_conv, self.features, scheme=self.init_scheme)
+        sn = functools.partial(_sn, update_stats=train, epsilon=self.sn_epsilon)
+        h = upsample_nearest(nn.relu(cbn(name="bn1")(x, cond, train)))
+        h = sn(conv(3, name="conv1"), h)
+        h = nn.relu(cbn(name="bn2")(h, cond, train))
+        h = sn(conv(3, name="conv2"), h)
+        return h + sn(conv(1, name="shortcut"), upsample_nearest(x))
+
+
+class Generator(nn.Module):
+    """Class-conditional BigGAN generator: (z (B, z_dim), y (B,)) -> images (B, S, S, 3).
+
+    With ``shared_dim == 0`` (``biggan32``) the whole z feeds the input dense layer and each
+    block's CBN reads per-class tables. With ``shared_dim > 0`` (``biggan64``) z is split into
+    ``num_blocks + 1`` equal chunks: chunk 0 feeds the dense layer and block i's CBN reads
+    ``[embed_shared(y), chunk i]`` (BigGAN's shared embedding and hierarchical z). Then BN, ReLU,
+    SN 3x3 conv to 3 channels, tanh. S = bottom_width * 2 ** num_blocks.
+
+    Attributes:
+      channels: width at the bottom, then the output width of each up-block.
+      num_classes: number of classes; labels lie in [0, num_classes).
+      z_dim: noise dimension (a multiple of num_blocks + 1 when shared_dim > 0).
+      shared_dim: width of the shared class embedding; 0 for per-class CBN tables.
+      attention_after: 1-based index of the block followed by self-attention; None for none.
+      bottom_width: spatial size after the input dense layer.
+      init_scheme: see ``weight_init``.
+      bn_epsilon: BatchNorm epsilon (PyTorch default 1e-5; StudioGAN 1e-4).
+      sn_epsilon: spectral-norm epsilon (PyTorch default 1e-12; StudioGAN 1e-6).
+    """
+
+    channels: Sequence[int]
+    num_classes: int
+    z_dim: int = 128
+    shared_dim: int = 0
+    attention_after: int | None = None
+    bottom_width: int = 4
+    init_scheme: InitScheme = "ortho"
+    bn_epsilon: float = 1e-5
+    sn_epsilon: float = 1e-12
+
+    def __post_init__(self) -> None:
+        _check_common("Generator", self.channels, self.num_classes, self.init_scheme)
+        _check_attention("Generator", self.attention_after, self.channels[1:])
+        if self.shared_dim < 0 or (self.shared_dim and self.z_dim % (self.num_blocks + 1)):
+            raise ValueError(
+                f"Generator: with a shared embedding z is split into {self.num_blocks + 1} equal "
+                f"chunks (one for the input layer, one per block), so z_dim must be a multiple "
+                f"of {self.num_blocks + 1}; got z_dim={self.z_dim}, shared_dim={self.shared_dim}."
+            )
+        super().__post_init__()
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of up-sampling blocks."""
+        return len(self.channels) - 1
+
+    @property
+    def image_size(self) -> int:
+        """Side length S of the generated images, in pixels."""
+        return self.bottom_width * 2**self.num_blocks
+
+    @nn.compact
+    def __call__(self, z: jax.Array, y: jax.Array, train: bool) -> jax.Array:
+        """Generates images of the classes ``y``.
+
+        Args:
+          z: noise, (B, z_dim).
+          y: int labels, (B,), in [0, num_classes).
+          train: True: BatchNorm uses batch statistics and spectral norm runs one power-iteration
+            step, both written to ``batch_stats`` (call ``apply`` with
+            ``mutable=["batch_stats"]``). False: running statistics, nothing written.
+
+        Returns:
+          (B, S, S, 3) images in [-1, 1].
+        """
+        if z.ndim != 2 or z.shape[-1] != self.z_dim:
+            raise ValueError(
+                f"Generator expects noise of shape (batch, {self.z_dim}), got {z.shape}."
+            )
+        batch = z.shape[0]
+        _check_labels(y, batch, self.num_classes)
+        init = weight_init(self.init_scheme)
+        sn = functools.partial(_sn, update_stats=train, epsilon=self.sn_epsilon)
+
+        if self.shared_dim:
+            z_in, *z_chunks = jnp.split(z, self.num_blocks + 1, axis=-1)
+            shared = nn.Embed(
+                self.num_classes, self.shared_dim, embedding_init=init, name="embed_shared"
+            )(y)
+            conds = [jnp.concatenate([shared, chunk], axis=-1) for chunk in z_chunks]
+            cbn_classes = None
+        else:
+            z_in, conds, cbn_classes = z, [y] * self.num_blocks, self.num_classes
+
+        width, c0 = self.bottom_width, self.channels[0]
+        h = sn(nn.Dense(width * width * c0, kernel_init=init, name="dense"), z_in)
+        h = h.reshape(batch, width, width, c0)
+        for i, (features, cond) in enumerate(zip(self.channels[1:], conds, strict=True), 1):
+            h = GBlock(
+                features,
+                cbn_classes,
+                init_scheme=self.init_scheme,
+                bn_epsilon=self.bn_epsilon,
+                sn_epsilon=self.sn_epsilon,
+                name=f"block{i}",
+            )(h, cond, train)
+            if i == self.attention_after:
+                h = SelfAttention(self.init_scheme, self.sn_epsilon, name="attention")(h, train)
+        h = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=_BN_MOMENTUM,
+            epsilon=self.bn_epsilon,
+            name="bn_out",
+        )(h)
+        h = sn(_conv(3, 3, self.init_scheme, name="conv_out"), nn.relu(h))
+        return jnp.tanh(h)
+
+
+# --------------------------------------------------------------------------------------------
+# Discriminator
+# --------------------------------------------------------------------------------------------
+
+
+class DBlock(nn.Module):
+    """D residual block: (B, H, W, C_in) -> (B, H', W', C_out), H' = H // 2 if downsample.
+
+    Residual: [ReLU], SN 3x3 conv, ReLU, SN 3x3 conv, [avg-pool]. Shortcut: SN 1x1 conv then
+    [avg-pool] when the shape changes, identity otherwise. ``optimized`` (the first block, which
+    sees the image): no leading ReLU and the shortcut pools *before* its conv, as in BigGAN.
+    """
+
+    features: int
+    downsample: bool
+    optimized: bool = False
+    init_scheme: InitScheme = "ortho"
+    sn_epsilon: float = 1e-12
+
+    @nn.compact
+    def __call__(self, x: jax.Array, update_stats: bool) -> jax.Array:
+        conv = functools.partial(_conv, self.features, scheme=self.init_scheme)
+        sn = functools.partial(_sn, update_stats=update_stats, epsilon=self.sn_epsilon)
+        h = sn(conv(3, name="conv1"), x if self.optimized else nn.relu(x))
+        h = sn(conv(3, name="conv2"), nn.relu(h))
+        if self.downsample:
+            h = avg_pool2(h)
+        if self.optimized:
+            return h + sn(conv(1, name="shortcut"), avg_pool2(x))
+        shortcut = x
+        if self.downsample or x.shape[-1] != self.features:
+            shortcut = sn(conv(1, name="shortcut"), x)
+            if self.downsample:
+                shortcut = avg_pool2(shortcut)
+        return h + shortcut
+
+
+class Discriminator(nn.Module):
+    """Projection discriminator (Miyato & Koyama, 2018) with SN everywhere: (x, y) -> scores.
+
+    Blocks (the first one optimized), optional self-attention, ReLU, global sum pool to
+    h (B, C); score = classifier(h) + <embed_y(y), h>, with SN on the dense ``classifier`` and
+    on the class embedding ``embed_y`` (both named so that the default maskable predicate keeps
+    them dense).
+
+    Attributes:
+      channels: output width of each block.
+      downsample: per block, whether it halves the resolution; ``downsample[0]`` must be True.
+      num_classes: number of classes; labels lie in [0, num_classes).
+      attention_after: 1-based index of the block followed by self-attention; None for none.
+      init_scheme: see ``weight_init``.
+      sn_epsilon: spectral-norm epsilon.
+    """
+
+    channels: Sequence[int]
+    downsample: Sequence[bool]
+    num_classes: int
+    attention_after: int | None = None
+    init_scheme: InitScheme = "ortho"
+    sn_epsilon: float = 1e-12
+
+    def __post_init__(self) -> None:
+        _check_common("Discriminator", self.channels, self.num_classes, self.init_scheme)
+        if len(self.downsample) != len(self.channels) or not self.downsample[0]:
+            raise ValueError(
+                "Discriminator.downsample needs one bool per block with downsample[0] True (the "
+                f"optimized first block always halves the resolution), got {self.downsample!r} "
+                f"for {len(self.channels)} blocks."
+            )
+        _check_attention("Discriminator", self.attention_after, self.channels)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, y: jax.Array, update_stats: bool = True) -> jax.Array:
+        """Scores images as samples of the classes ``y``.
+
+        Args:
+          x: images (B, H, W, C), values in [-1, 1].
+          y: int labels, (B,), in [0, num_classes).
+          update_stats: True: one power-iteration step per SN weight, written to
+            ``batch_stats`` (call ``apply`` with ``mutable=["batch_stats"]``). False: the same
+            computation and output, nothing written (side-effect free, e.g. for the BR forwards).
+
+        Returns:
+          (B,) raw scores.
+        """
+        if x.ndim != 4:
+            raise ValueError(
+                f"Discriminator expects NHWC images (batch, height, width, channels), got shape "
+                f"{x.shape}."
+            )
+        _check_labels(y, x.shape[0], self.num_classes)
+        init = weight_init(self.init_scheme)
+        sn = functools.partial(_sn, update_stats=update_stats, epsilon=self.sn_epsilon)
+        h = x
+        for i, (features, down) in enumerate(zip(self.channels, self.downsample, strict=True), 1):
+            h = DBlock(
+                features,
+                down,
+                optimized=i == 1,
+                init_scheme=self.init_scheme,
+                sn_epsilon=self.sn_epsilon,
+                name=f"block{i}",
+            )(h, update_stats)
+            if i == self.attention_after:
+                h = SelfAttention(self.init_scheme, self.sn_epsilon, name="attention")(
+                    h, update_stats
+                )
+        h = jnp.sum(nn.relu(h), axis=(1, 2))
+        score = sn(nn.Dense(1, kernel_init=init, name="classifier"), h)[:, 0]
+        embed = nn.Embed(self.num_classes, h.shape[-1], embedding_init=init, name="embed_y")
+        return score + jnp.sum(sn(embed, y) * h, axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Maskable predicate with the CBN maps
+# --------------------------------------------------------------------------------------------
+
+
+def maskable_including_cbn(path: tuple[Any, ...], leaf: Any) -> bool:
+    """``default_is_maskable``, plus the conditional-BN gain/offset linear kernels.
+
+    The literal reading of SPEC section 1 (every dense kernel is maskable); the default follows
+    the authors' code, which keeps them dense. Only ``biggan64`` has such kernels (``biggan32``'s
+    CBN maps are per-class tables, leaves named ``embedding``, never maskable).
+    """
+    names = [key_name(k) for k in path]
+    if names and names[-1] == "kernel" and any(n in CBN_MODULE_NAMES for n in names[:-1]):
+        return np.ndim(leaf) >= 2
+    return default_is_maskable(path, leaf)
+
+
+# --------------------------------------------------------------------------------------------
+# Factory
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Architecture:
+    """Layout of one named model; widths are functions of the base widths g_ch / d_ch."""
+
+    image_size: int
+    num_classes: int
+    z_dim: int
+    shared_dim: int
+    g_ch: int  # default generator base width
+    d_ch: int  # default discriminator base width
+    g_channels: Callable[[int], tuple[int, ...]]
+    d_channels: Callable[[int], tuple[int, ...]]
+    d_downsample: tuple[bool, ...]
+    g_attention: int | None
+    d_attention: int | None
+    g_min: int  # smallest base widths (attention needs >= 8 channels)
+    d_min: int
+    bn_epsilon: float
+    sn_epsilon: float
+
+
+_ARCHITECTURES: dict[str, _Architecture] = {
+    # BigGAN-PyTorch CIFAR / the authors' biggan.32 (ch 64 x 4): every layer 256 wide.
+    "biggan32": _Architecture(
+        image_size=32,
+        num_classes=10,
+        z_dim=128,
+        shared_dim=0,
+        g_ch=256,
+        d_ch=256,
+        g_channels=lambda c: (c, c, c, c),
+        d_channels=lambda c: (c, c, c, c),
+        d_downsample=(True, True, False, False),
+        g_attention=None,
+        d_attention=None,
+        g_min=1,
+        d_min=1,
+        bn_epsilon=1e-5,
+        sn_epsilon=1e-12,
+    ),
+    # StudioGAN big_resnet at 64x64 (the authors' biggan.64): ch 80, G x16 8 4 2 1 from 4x4,
+    # D x1 2 4 8 16 with the last block not down-sampling (64 -> 32 -> 16 -> 8 -> 4 -> 4).
+    "biggan64": _Architecture(
+        image_size=64,
+        num_classes=200,
+        z_dim=100,
+        shared_dim=128,
+        g_ch=80,
+        d_ch=80,
+        g_channels=lambda c: (16 * c, 8 * c, 4 * c, 2 * c, c),
+        d_channels=lambda c: (c, 2 * c, 4 * c, 8 * c, 16 * c),
+        d_downsample=(True, True, True, True, False),
+        g_attention=3,  # after the block that outputs 32x32 (2 * g_ch channels)
+        d_attention=1,  # after the optimized block (32x32, d_ch channels)
+        g_min=4,
+        d_min=8,
+        bn_epsilon=1e-4,
+        sn_epsilon=1e-6,
+    ),
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_ARCHITECTURES)
+
+
+def _architecture(name: str) -> _Architecture:
+    try:
+        return _ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown BigGAN model {name!r}; known models: {', '.join(MODEL_NAMES)}."
+        ) from None
+
+
+def _positive(what: str, name: str, value: int | None, default: int, minimum: int) -> int:
+    result = default if value is None else value
+    if isinstance(result, bool) or int(result) != result or result < minimum:
+        raise ValueError(
+            f"{what}={value!r} is invalid for {name!r}: it must be an int >= {minimum} "
+            f"(full size: {default})."
+        )
+    return int(result)
+
+
+def image_size(name: str) -> int:
+    """Side length in pixels of the images model ``name`` generates and scores (32 or 64)."""
+    return _architecture(name).image_size
+
+
+def build_biggan(
+    name: str,
+    *,
+    num_classes: int | None = None,
+    g_ch: int | None = None,
+    d_ch: int | None = None,
+    z_dim: int | None = None,
+    init_scheme: InitScheme = "ortho",
+) -> tuple[Generator, Discriminator]:
+    """Builds the generator and discriminator of a named BigGAN benchmark architecture.
+
+    Args:
+      name: ``"biggan32"`` (CIFAR-10) or ``"biggan64"`` (TinyImageNet).
+      num_classes: number of classes (default 10 / 200).
+      g_ch: generator base width (``biggan32``: every layer, default 256; ``biggan64``: the
+        narrowest (last) block, 16 * g_ch at the bottom, default 80, at least 4). None: full size.
+      d_ch: discriminator base width (``biggan32``: every block, default 256; ``biggan64``: the
+        first block, 16 * d_ch at the last, default 80, at least 8). None: full size.
+      z_dim: noise dimension (default 128 / 100; ``biggan64``: a multiple of 5).
+      init_scheme: kernel and embedding init of both networks, see ``weight_init``.
+
+    Returns:
+      ``(generator, discriminator)`` Flax modules (unbound; call ``init``/``apply``).
+    """
+    arch = _architecture(name)
+    num_classes = _positive("num_classes", name, num_classes, arch.num_classes, 1)
+    g_ch = _positive("g_ch", name, g_ch, arch.g_ch, arch.g_min)
+    d_ch = _positive("d_ch", name, d_ch, arch.d_ch, arch.d_min)
+    z_dim = _positive("z_dim", name, z_dim, arch.z_dim, 1)
+    generator = Generator(
+        channels=arch.g_channels(g_ch),
+        num_classes=num_classes,
+        z_dim=z_dim,
+        shared_dim=arch.shared_dim,
+        attention_after=arch.g_attention,
+        init_scheme=init_scheme,
+        bn_epsilon=arch.bn_epsilon,
+        sn_epsilon=arch.sn_epsilon,
+    )
+    discriminator = Discriminator(
+        channels=arch.d_channels(d_ch),
+        downsample=arch.d_downsample,
+        num_classes=num_classes,
+        attention_after=arch.d_attention,
+        init_scheme=init_scheme,
+        sn_epsilon=arch.sn_epsilon,
+    )
+    return generator, discriminator
