@@ -36,7 +36,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddst_jax import balance, checkpoint, control, data, reporting
+from ddst_jax import balance, checkpoint, control, data, evaluation, reporting
 from ddst_jax import sparsity as sp
 from ddst_jax.gan import models, steps
 from ddst_jax.gan.methods import MethodSpec, resolve_method
@@ -100,12 +100,22 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         balance.window_size(b.window, b.br_every)
     except ValueError as e:
         raise ValueError(f"config.balance: {e}") from None
+    e = config.eval
+    _require(e.every >= 0, "eval.every", f"must be >= 0 (0: no evaluation), got {e.every}.")
+    if e.every:
+        _require(e.num_samples > 1, "eval.num_samples", f"must be > 1, got {e.num_samples}.")
+        _require(e.bn_mode in ("train", "eval"), "eval.bn_mode",
+                 f"use 'train' or 'eval', got {e.bn_mode!r}.")
+        _require(e.splits >= 1, "eval.splits", f"must be >= 1, got {e.splits}.")
     data.validate_config(config.data)
     devices = device_count or config.parallel.num_devices or jax.device_count()
     processes = jax.process_count() if process_count is None else process_count
-    for name in ("batch_size_g", "batch_size_d"):
-        _require(t[name] % devices == 0 and t[name] % processes == 0, f"train.{name}",
-                 f"{t[name]} is not divisible by the {devices} devices / {processes} processes; "
+    sizes = {"train.batch_size_g": t.batch_size_g, "train.batch_size_d": t.batch_size_d}
+    if e.every:
+        sizes["eval.batch_size"] = e.batch_size
+    for name, size in sizes.items():
+        _require(size > 0 and size % devices == 0 and size % processes == 0, name,
+                 f"{size} is not divisible by the {devices} devices / {processes} processes; "
                  "use a multiple of the device count.")
     return spec
 
@@ -320,8 +330,16 @@ def _save_samples(workdir: str, writer: reporting.MetricWriter, iteration: int,
 # ----------------------------------------------------------------------------- main loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train (or resume, or report a finished run) in ``workdir``; returns the summary dict."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       features_fn: evaluation.FeaturesFn | None = None) -> dict[str, Any]:
+    """Train (or resume, or report a finished run) in ``workdir``; returns the summary dict.
+
+    Args:
+      config: see ``experiments/configs/cifar10.py``.
+      workdir: the run directory.
+      features_fn: replaces the FID Inception network (tests use a cheap stand-in); by default
+        the weights of ``config.eval.inception_weights`` (or the cache / download) are used.
+    """
     if config.parallel.distributed:
         initialize_distributed(config.parallel)
     spec = validate_config(config)
@@ -334,6 +352,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     abstract = checkpoint.abstract_state(jax.eval_shape(init_fn, jax.random.key(config.seed)),
                                          sharding=replicated)
     os.makedirs(workdir, exist_ok=True)
+    evaluator = None
+    if config.eval.every:  # weights and reference statistics before anything is trained
+        features_fn = features_fn or evaluation.inception_features_fn(
+            config.eval.inception_weights)
+        evaluator = evaluation.Evaluator(
+            setup, mesh, features_fn,
+            evaluation.reference_statistics(config, workdir, features_fn, mesh),
+            num_samples=config.eval.num_samples, batch_size=config.eval.batch_size,
+            bn_mode=config.eval.bn_mode, splits=config.eval.splits, seed=config.seed + 2)
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
     restored = ckpt.restore(abstract)
     if restored is not None and restored.metadata.get("finished"):
@@ -378,6 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     bar = reporting.progress_bar(total, initial=start, enabled=primary and t.progress_bar)
     stop = checkpoint.install_stop_handler()
     iteration, stopped, t_start = start, False, time.perf_counter()
+    evals: list[dict[str, float]] = []
     try:
         with batches:
             while iteration < total:
@@ -394,6 +422,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if iteration % t.sample_every == 0 or end:
                     _save_samples(workdir, writer, iteration,
                                   _sample_grid(setup, state, sample_z, t.sample_bn_mode))
+                if evaluator and (iteration % config.eval.every == 0 or end):
+                    result = evaluator(state)
+                    writer.write_scalars(iteration, result)
+                    evals.append({"iteration": iteration, **result})
+                    ckpt.save_best(iteration, state, result["eval/fid"],
+                                   metadata(iteration, end))
                 if end or iteration % t.checkpoint_every == 0:
                     ckpt.save(iteration, state, metadata(iteration, end))
                 if _stop_requested(stop):
@@ -408,11 +442,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         stop.close()
         bar.close()
         ckpt.wait_until_finished()
+        best_fid = (ckpt.best_value(), ckpt.best_step())
         ckpt.close()
         writer.flush()
     wall = time.perf_counter() - t_start
     summary = _summary(config, spec, setup, state, logger.last, iteration, total, stopped,
                        wall, iteration - start)
+    if evals:
+        summary["evaluations_this_session"] = evals
+    if best_fid[0] is not None:  # over the whole run, from the best-checkpoint slot
+        summary["best_fid"], summary["best_fid_iteration"] = best_fid
     if primary and not stopped:
         summary["plots"] = reporting.plot_curves(
             writer.jsonl_path, os.path.join(workdir, "plots"),

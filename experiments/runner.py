@@ -64,12 +64,13 @@ def main_with_config(config_file: str) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
         from ddst_jax import train  # after flag parsing: keeps --help fast
+        from ddst_jax.metrics import inception
 
         config = flags.FLAGS.config
         try:
             summary = train.train_and_evaluate(config, flags.FLAGS.workdir)
         except (ValueError, data.DatasetUnavailableError, checkpoint.CheckpointError,
-                train.TrainingDiverged) as e:
+                train.TrainingDiverged, inception.WeightsUnavailableError) as e:
             logging.error("%s", e)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)

@@ -273,3 +273,26 @@ def test_cli_help_documents_every_field():
 
     missing = [f for f in fields("", config) if f"--config.{f}=" not in out]
     assert not missing, missing
+
+
+def _stand_in_features(images):
+    """A cheap deterministic 'Inception': pooled colour statistics as features."""
+    x = images.astype(jnp.float32) / 255.0
+    pool = jnp.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2)), x[:, ::8, ::8, :].reshape(
+        x.shape[0], -1)], axis=1)
+    return pool, pool[:, :10] * 10.0
+
+
+def test_fid_and_is_inside_training_keep_the_best_checkpoint(tmp_path):
+    config = tiny_config(**{"sparsity.method": "adapt", "eval.every": 4, "eval.num_samples": 24,
+                            "eval.batch_size": 8})
+    summary = train.train_and_evaluate(config, str(tmp_path),
+                                       features_fn=jax.jit(_stand_in_features))
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "eval/fid" in r]
+    assert [r["step"] for r in rows] == [4, 8]
+    assert all(r["eval/fid"] > 0 and r["eval/is"] >= 1.0 for r in rows)
+    best = min(rows, key=lambda r: r["eval/fid"])
+    assert summary["best_fid"] == pytest.approx(best["eval/fid"])
+    assert summary["best_fid_iteration"] == best["step"]
+    assert os.listdir(tmp_path / "best") == [str(best["step"])]
+    assert (tmp_path / "reference_stats.npz").exists()  # computed once from the data source
