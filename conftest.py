@@ -16,3 +16,7 @@ jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("DDST_TEST_JAX_CACHE",
                                  os.path.join(tempfile.gettempdir(), "ddst_jax_test_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+# Run as a separate process by tests/test_multiprocess.py; importing it here would reconfigure
+# this session's devices (it sets 4 per process).
+collect_ignore = ["tests/multiprocess_worker.py"]

@@ -2,8 +2,10 @@
 
 Densities are tracked as integer active counts of D's maskable weights, never as floats compared
 for equality: a move changes the count by exactly ``round(delta * N_D)`` weights, clipped to
-``[round(d_min * N_D), round(cap * N_D)]``. A controller decides only on decision steps (every
-``every`` iterations, never at the final one) and only once the BR window is full.
+``[round(d_min * N_D), round(cap * N_D)]``; a move that would stop less than half a step short of
+the cap or floor goes all the way to it (no near-empty moves caused by rounding). A controller
+decides only on decision steps (every ``every`` iterations, never at the final one) and only once
+the BR window is full.
 
 A ``Decision`` says what the runner must do to D's masks:
 
@@ -116,6 +118,21 @@ def make_density_control(
     )
 
 
+def _step_towards(count: jax.Array, step: int, bound: int) -> jax.Array:
+    """``count + step`` clipped at ``bound``; a move that would stop less than half a step short
+    of the bound goes all the way to it.
+
+    The density grid d_start + k * delta and the cap/floor are rounded to counts separately, so
+    without the snap a run could stop one weight short of the cap and spend a whole decision
+    interval on a one-weight move (the "spurious near-empty step" of the public code).
+    """
+    target = count + step
+    half = abs(step) // 2
+    if step > 0:
+        return jnp.where(target >= bound - half, bound, target)
+    return jnp.where(target <= bound + half, bound, target)
+
+
 class ControllerState(NamedTuple):
     """Dynamic controller state (a pytree): D's target active count (int32 scalar)."""
 
@@ -160,8 +177,8 @@ def controller_step(
     at_cap = count >= control.cap_count
     too_weak = decide & (br >= control.band_high)
     too_strong = decide & (br <= control.band_low)
-    grown = jnp.minimum(count + control.delta_count, control.cap_count)
-    pruned = jnp.maximum(count - control.delta_count, control.min_count)
+    grown = _step_towards(count, control.delta_count, control.cap_count)
+    pruned = _step_towards(count, -control.delta_count, control.min_count)
     grow = too_weak & ~at_cap
     dst = too_weak & at_cap & control.dst_at_cap
     prune = too_strong & (pruned < count)

@@ -404,6 +404,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                  prefetch=config.data.prefetch, mesh=mesh)
     bar = reporting.progress_bar(total, initial=start, enabled=primary and t.progress_bar)
     stop = checkpoint.install_stop_handler()
+    # XLA's in-process CPU collectives can deadlock when many multi-device steps are queued
+    # ("Expected N threads to join the rendezvous"); on CPU meshes, wait for each step.
+    sync_each_step = jax.default_backend() == "cpu" and mesh.size > 1
     iteration, stopped, t_start = start, False, time.perf_counter()
     evals: list[dict[str, float]] = []
     try:
@@ -411,6 +414,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             while iteration < total:
                 _, batch = next(batches)
                 state, metrics = iterate(state, batch["image"])
+                if sync_each_step:
+                    jax.block_until_ready(metrics)
                 iteration += 1
                 logger.add(iteration, metrics)
                 bar.update(1)

@@ -202,3 +202,23 @@ def test_bad_controller_config():
         control.init_controller_state(0.7, ctl)
     with pytest.raises(ValueError, match="d_start"):
         control.init_controller_state(0.0, ctl)
+
+
+def test_no_near_empty_step_at_cap_or_floor():
+    # N_D = 1504, delta 0.05 -> 75 weights; strict cap 0.4 -> 602 (601.6 rounded). Without the
+    # snap the third move would be 601 -> 602, one weight (found by the ADAPT example).
+    n = 1504
+    ctl = control.make_density_control("strict", n, 10_000, d_max=0.4)
+    state = control.init_controller_state(0.3, ctl)
+    counts = [int(state.count)]
+    for it in (2000, 4000, 6000):
+        state, decision = control.controller_step(state, full_window(0.9), it, ctl)
+        counts.append(int(state.count))
+    assert counts == [451, 526, 602, 602]
+    assert int(decision.action) == control.DST
+    # Floor: d_min 0.05 -> 75; from 170 a step of 75 would stop at 95, 20 above the floor
+    # (< half a step): it goes to the floor.
+    ctl = control.make_density_control("relaxed", n, 10_000)
+    state = control.ControllerState(jnp.asarray(170, jnp.int32))
+    state, decision = control.controller_step(state, full_window(0.0), 1000, ctl)
+    assert int(state.count) == 75 and int(decision.action) == control.PRUNE
