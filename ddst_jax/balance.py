@@ -6,8 +6,8 @@ batch of the last D step:
     b = mean D(G_pre(z)),  a = mean D(G_post(z)),  c = mean D(x_r),  r = (a - b) / (c - b).
 
 The denominator is the real/fake gap as D sees it; the numerator is how far one G step closes it.
-Small BR: D too strong for G. Large BR: D too weak. BR is the mean of the last ``size`` finite
-ratios (mean of ratios, not ratio of means).
+Small BR: D too strong for G. Large BR: D too weak. BR is the mean of the finite ratios among the
+last ``size`` measurements (mean of ratios, not ratio of means; a non-finite one keeps its slot).
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ class BRWindow(NamedTuple):
     Attributes:
       ratios: float32 (size,); slot ``i % size`` holds the i-th measurement.
       count: int32 scalar, number of measurements pushed so far (never reset).
+
+    >>> w = push(init_window(2), 0.5)
+    >>> w.size, int(w.count)
+    (2, 1)
     """
 
     ratios: jax.Array
@@ -63,11 +67,20 @@ class BRWindow(NamedTuple):
 
     @property
     def size(self) -> int:
+        """Capacity of the window (a Python int).
+
+        >>> init_window(3).size
+        3
+        """
         return self.ratios.shape[0]
 
 
 def window_size(window_iterations: int = 1000, br_every: int = 10) -> int:
-    """Entries of the window: ``window_iterations // br_every`` (SPEC default 1000 // 10 = 100)."""
+    """Entries of the window: ``window_iterations // br_every`` (SPEC default 1000 // 10 = 100).
+
+    >>> window_size(), window_size(1000, 50)
+    (100, 20)
+    """
     if br_every <= 0 or window_iterations < br_every:
         raise ValueError(
             f"Need 0 < br_every <= window; got br_every={br_every}, window={window_iterations}."
@@ -76,20 +89,35 @@ def window_size(window_iterations: int = 1000, br_every: int = 10) -> int:
 
 
 def init_window(size: int) -> BRWindow:
-    """An empty window of ``size`` entries."""
+    """An empty window of ``size`` entries.
+
+    >>> w = init_window(3)
+    >>> w.ratios.shape, int(w.count)
+    ((3,), 0)
+    """
     if size <= 0:
         raise ValueError(f"BR window `size` must be positive, got {size}.")
     return BRWindow(jnp.full((size,), jnp.nan, jnp.float32), jnp.zeros((), jnp.int32))
 
 
 def push(window: BRWindow, ratio: jax.Array) -> BRWindow:
-    """Append one measurement, overwriting the oldest once the window is full."""
+    """Append one measurement, overwriting the oldest once the window is full.
+
+    >>> w = push(push(push(init_window(2), 1.0), 2.0), 3.0)
+    >>> w.ratios.tolist(), int(w.count)
+    ([3.0, 2.0], 3)
+    """
     slot = window.count % window.size
     return BRWindow(window.ratios.at[slot].set(jnp.asarray(ratio, jnp.float32)), window.count + 1)
 
 
 def is_full(window: BRWindow) -> jax.Array:
-    """True once ``size`` measurements have been pushed."""
+    """True once ``size`` measurements have been pushed.
+
+    >>> w = push(init_window(2), 0.5)
+    >>> bool(is_full(w)), bool(is_full(push(w, 0.5)))
+    (False, True)
+    """
     return window.count >= window.size
 
 
@@ -98,7 +126,12 @@ def _stored(window: BRWindow) -> jax.Array:
 
 
 def windowed_mean(window: BRWindow) -> jax.Array:
-    """Mean of the finite stored ratios (NaN if there is none)."""
+    """Mean of the finite stored ratios (NaN if there is none).
+
+    >>> w = push(push(init_window(3), 0.25), float('nan'))
+    >>> float(windowed_mean(w)), float(windowed_mean(push(w, 0.75)))
+    (0.25, 0.5)
+    """
     use = _stored(window) & jnp.isfinite(window.ratios)
     n = jnp.sum(use)
     total = jnp.sum(jnp.where(use, window.ratios, 0.0))
@@ -106,12 +139,20 @@ def windowed_mean(window: BRWindow) -> jax.Array:
 
 
 def num_ignored(window: BRWindow) -> jax.Array:
-    """How many stored entries are non-finite and so left out of ``windowed_mean`` (int32)."""
+    """How many stored entries are non-finite and so left out of ``windowed_mean`` (int32).
+
+    >>> int(num_ignored(push(push(init_window(3), 0.25), float('nan'))))
+    1
+    """
     return jnp.sum(_stored(window) & ~jnp.isfinite(window.ratios), dtype=jnp.int32)
 
 
 def is_measure_step(iteration: int | jax.Array, br_every: int) -> jax.Array | bool:
-    """BR is measured after iteration ``t`` (1-based) when ``t % br_every == 0``."""
+    """BR is measured after iteration ``t`` (1-based) when ``t % br_every == 0``.
+
+    >>> [t for t in range(1, 31) if is_measure_step(t, 10)]
+    [10, 20, 30]
+    """
     if isinstance(iteration, int):
         return iteration > 0 and iteration % br_every == 0
     t = jnp.asarray(iteration)

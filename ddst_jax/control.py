@@ -42,7 +42,12 @@ _KIND_DEFAULTS = {
 
 @dataclasses.dataclass(frozen=True)
 class DensityControl:
-    """Static (hashable) controller configuration, in integer counts of D's maskable weights."""
+    """Static (hashable) controller configuration, in integer counts of D's maskable weights.
+
+    >>> c = make_density_control('relaxed', 1000, 10_000)
+    >>> c.delta_count, c.min_count, c.cap_count, hash(c) == hash(dataclasses.replace(c))
+    (50, 50, 1000, True)
+    """
 
     kind: str
     n_weights: int
@@ -56,7 +61,11 @@ class DensityControl:
 
     @property
     def dst_at_cap(self) -> bool:
-        """Strict setting: at the cap a high BR triggers a D drop-and-grow update."""
+        """Strict setting: at the cap a high BR triggers a D drop-and-grow update.
+
+        >>> make_density_control('strict', 1000, 10_000).dst_at_cap
+        True
+        """
         return self.kind == "strict"
 
 
@@ -85,6 +94,10 @@ def make_density_control(
       d_min: density floor.
       d_max: the strict setting's cap.
       cap: explicit cap overriding the kind's.
+
+    >>> c = make_density_control('strict', 1000, 10_000)
+    >>> c.every, (c.band_low, c.band_high), c.cap_count  # cap = d_max = 0.5
+    (2000, (0.45, 0.55), 500)
     """
     if kind not in KINDS:
         raise ValueError(f"Unknown controller `kind` {kind!r}; use one of {KINDS}.")
@@ -134,20 +147,37 @@ def _step_towards(count: jax.Array, step: int, bound: int) -> jax.Array:
 
 
 class ControllerState(NamedTuple):
-    """Dynamic controller state (a pytree): D's target active count (int32 scalar)."""
+    """Dynamic controller state (a pytree): D's target active count (int32 scalar).
+
+    >>> int(ControllerState(jnp.asarray(300, jnp.int32)).count)
+    300
+    """
 
     count: jax.Array
 
 
 class Decision(NamedTuple):
-    """What to do to D's masks now: ``action`` in {NONE, GROW, PRUNE, DST}, new ``target_count``."""
+    """What to do to D's masks now: ``action`` in {NONE, GROW, PRUNE, DST}, new ``target_count``.
+
+    >>> d = Decision(jnp.asarray(GROW, jnp.int32), jnp.asarray(350, jnp.int32))
+    >>> ACTION_NAMES[int(d.action)], int(d.target_count)
+    ('grow', 350)
+    """
 
     action: jax.Array
     target_count: jax.Array
 
 
 def init_controller_state(d_start: float, control: DensityControl) -> ControllerState:
-    """State at d_D = ``d_start`` (e.g. d_G for Balance / ADAPT / DDA)."""
+    """State at d_D = ``d_start`` (e.g. d_G for Balance / ADAPT / DDA).
+
+    >>> int(init_controller_state(0.3, make_density_control('relaxed', 1000, 10_000)).count)
+    300
+    >>> init_controller_state(0.6, make_density_control('strict', 1000, 10_000))
+    Traceback (most recent call last):
+      ...
+    ValueError: Starting D density 0.6 is above the cap (0.5); lower it or raise `d_max`.
+    """
     count = count_for_density(validate_density(d_start, "d_start"), control.n_weights)
     if control.kind != "static" and count > control.cap_count:
         raise ValueError(
@@ -167,6 +197,12 @@ def controller_step(
 
     Returns the new state and the decision; off decision steps, with a window not yet full, or
     with no finite ratio in the window, the decision is NONE and the state is unchanged.
+
+    >>> c = make_density_control('relaxed', 100, 100, every=10)
+    >>> w = balance.push(balance.push(balance.init_window(2), 0.9), 0.7)  # BR 0.8 >= B+
+    >>> state, d = controller_step(init_controller_state(0.3, c), w, 10, c)
+    >>> ACTION_NAMES[int(d.action)], int(d.target_count), int(state.count)
+    ('grow', 35, 35)
     """
     count = jnp.asarray(state.count, jnp.int32)
     if control.kind == "static":

@@ -261,14 +261,20 @@ def load_tfds(
 ) -> ImageSource:
     """Opens a TFDS dataset with ``tfds.data_source``; prepares it first when it can.
 
-    Preparing (``download_and_prepare``) needs TensorFlow and network; it is tried only when
-    the dataset is not prepared, ``download`` is set and TensorFlow is installed.
+    Preparing (``download_and_prepare``) is tried only when the dataset is not prepared and
+    ``download`` is set. It needs TensorFlow and network, except for the project's own builders
+    (``ddst_jax.datasets``, e.g. ``tiny_imagenet``: registered here, prepared without TensorFlow
+    from an archive in ``<data_dir>/downloads/manual/`` or downloaded).
 
     Raises:
       DatasetUnavailableError: the dataset is unknown, or not prepared (as array_record) under
         ``data_dir`` and cannot be prepared here; the message says how to fix it.
     """
     import tensorflow_datasets as tfds  # Local import: slow, and only this source needs it.
+
+    from ddst_jax import datasets
+
+    project_builder = datasets.ensure_registered(name)  # True: prepares without TensorFlow.
 
     def open_source(download_now: bool) -> Sequence[Mapping[str, Any]]:
         return tfds.data_source(
@@ -300,7 +306,7 @@ def load_tfds(
         if not download:
             why = "it is not there (and config.data.download=False)"
             raise DatasetUnavailableError(_unavailable_message(name, data_dir, why)) from e
-        if not _tensorflow_installed():
+        if not project_builder and not _tensorflow_installed():
             why = "it is not there, and TensorFlow (needed to prepare it) is not installed"
             raise DatasetUnavailableError(_unavailable_message(name, data_dir, why)) from e
         try:
@@ -326,6 +332,17 @@ def _tensorflow_installed() -> bool:
 
 def _unavailable_message(name: str, data_dir: str | None, why: str) -> str:
     where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    from ddst_jax import datasets
+
+    if name in datasets.BUILDER_MODULES:  # The project's builder: no TensorFlow needed.
+        module = datasets.BUILDER_MODULES[name]
+        return (
+            f"TFDS dataset {name!r} cannot be read from {where} (config.data.data_dir): {why}.\n"
+            f"Prepare it (no TensorFlow needed; see the docstring of {module}):\n"
+            f"  python -m {module} --data_dir={where}\n"
+            "  (it reads the archive from <data_dir>/downloads/manual/, or downloads it), or use\n"
+            "  --config.data.source=npz (see prepare_npz in that module)."
+        )
     return (
         f"TFDS dataset {name!r} cannot be read from {where} (config.data.data_dir): {why}.\n"
         "Fix it one of these ways:\n"

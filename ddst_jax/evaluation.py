@@ -51,9 +51,11 @@ class Evaluator:
         pools, logits = [], []
         key = jax.random.key(self.seed)
         for start in range(0, self.num_samples, self.batch_size):
-            z = jax.random.normal(jax.random.fold_in(key, start),
-                                  (self.batch_size, self.setup.z_dim))
-            images = self._generate(state, jax.device_put(z, sharding))
+            k_z, k_y = jax.random.split(jax.random.fold_in(key, start))
+            z = jax.device_put(jax.random.normal(k_z, (self.batch_size, self.setup.z_dim)),
+                               sharding)
+            y = steps.sample_labels(k_y, self.batch_size, self.setup)
+            images = self._generate(state, z, None if y is None else jax.device_put(y, sharding))
             pool, logit = self.features_fn(images)
             keep = min(self.batch_size, self.num_samples - start)
             pools.append(np.asarray(jax.device_get(pool))[:keep])
@@ -66,9 +68,10 @@ class Evaluator:
 
 
 def _generate_uint8(setup: steps.GanSetup, state: steps.TrainState, z: jax.Array,
-                    train_bn: bool) -> jax.Array:
+                    y: jax.Array | None, train_bn: bool) -> jax.Array:
     """uint8 (B, H, W, 3) samples of the EMA generator (pixels rounded as PNG writers do)."""
-    images = steps.generate(setup, state.g_ema, state.g_state, state.g_masks, z, train=train_bn)
+    images = steps.generate(setup, state.g_ema, state.g_state, state.g_masks, z, y,
+                            train=train_bn)
     return jax.numpy.clip(jax.numpy.round((images + 1.0) * 127.5), 0, 255).astype("uint8")
 
 

@@ -33,8 +33,6 @@ from ddst_jax import sparsity as sp
 from ddst_jax.gan import steps
 from ddst_jax.gan.methods import MethodSpec, resolve_method
 
-PyTree = Any
-
 DATASETS = ("ring", "grid")
 #: The four compared methods (relaxed setting): name -> ``resolve_method`` arguments.
 METHODS: dict[str, dict[str, str]] = {

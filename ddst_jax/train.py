@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from ddst_jax import balance, checkpoint, control, data, evaluation, reporting
 from ddst_jax import sparsity as sp
-from ddst_jax.gan import models, steps
+from ddst_jax.gan import registry, steps
 from ddst_jax.gan.methods import MethodSpec, resolve_method
 
 
@@ -79,7 +79,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     for name in ("lr_g", "lr_d"):
         _require(t[name] > 0, f"train.{name}", f"must be positive, got {t[name]}.")
     try:
-        size = models.image_size(config.model.name)
+        size = registry.image_size(config.model.name)
     except ValueError as e:
         raise ValueError(f"config.model.name: {e}") from None
     _require(config.data.image_size == size, "data.image_size",
@@ -129,20 +129,21 @@ def _adam(lr: float, config: ml_collections.ConfigDict) -> optax.GradientTransfo
 
 def build_setup(config: ml_collections.ConfigDict, spec: MethodSpec) -> steps.GanSetup:
     """Models, optimizers, schedules and the D-density controller of a run."""
-    G, D = models.build_models(config.model.name, z_dim=config.model.z_dim,
-                               g_ch=config.model.g_ch, d_ch=config.model.d_ch)
-    size = models.image_size(config.model.name)
+    pair = registry.build(config.model.name, z_dim=config.model.z_dim, g_ch=config.model.g_ch,
+                          d_ch=config.model.d_ch, num_classes=config.model.get("num_classes"))
+    G, D, size = pair.generator, pair.discriminator, pair.image_size
     t, s, b = config.train, config.sparsity, config.balance
     setup = steps.GanSetup(
         generator=G, discriminator=D, g_tx=_adam(t.lr_g, config), d_tx=_adam(t.lr_d, config),
-        method=spec, z_dim=config.model.z_dim, image_shape=(size, size, 3),
+        method=spec, z_dim=pair.z_dim, image_shape=(size, size, 3),
+        num_classes=pair.num_classes,
         batch_g=t.batch_size_g, batch_d=t.batch_size_d, n_dis=t.n_dis,
         total_iterations=t.iterations, g_update_every=s.g_update_every,
         drop_fraction=s.drop_fraction, drop_fraction_final=s.drop_fraction_final,
         br_every=b.br_every, br_window=balance.window_size(b.window, b.br_every), br_eps=b.eps,
         ema_decay=t.ema_decay)
-    abstract = jax.eval_shape(lambda: D.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
-    n_d = sp.num_maskable(abstract["params"])
+    abstract = jax.eval_shape(lambda: steps.init_state(setup, jax.random.key(0)))
+    n_d = sp.num_maskable(abstract.d_params)
     c = config.control
     band = None
     if c.band_low is not None or c.band_high is not None:
@@ -190,7 +191,8 @@ def compile_fns(setup: steps.GanSetup, config: ml_collections.ConfigDict, mesh):
                    out_shardings=replicated)
     iterate = jax.jit(
         functools.partial(steps.train_iteration, setup, z_sharding=NamedSharding(mesh, P("data"))),
-        in_shardings=(replicated, NamedSharding(mesh, P(None, "data"))),
+        in_shardings=(replicated, NamedSharding(mesh, P(None, "data")),
+                      NamedSharding(mesh, P(None, "data"))),
         out_shardings=(replicated, replicated),
         donate_argnums=0)
     return init, iterate, replicated
@@ -311,7 +313,10 @@ class _Logger:
 
 def _sample_grid(setup: steps.GanSetup, state: steps.TrainState, z: jax.Array,
                  bn_mode: str) -> np.ndarray:
-    images = steps.generate(setup, state.g_ema, state.g_state, state.g_masks, z,
+    # Conditional models: classes in order, so each grid row/column walks through the labels.
+    y = jnp.arange(z.shape[0], dtype=jnp.int32) % setup.num_classes if setup.num_classes \
+        else None
+    images = steps.generate(setup, state.g_ema, state.g_state, state.g_masks, z, y,
                             train=bn_mode == "train")
     return np.asarray(jax.device_get(images))
 
@@ -413,7 +418,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         with batches:
             while iteration < total:
                 _, batch = next(batches)
-                state, metrics = iterate(state, batch["image"])
+                state, metrics = iterate(state, batch["image"], batch["label"])
                 if sync_each_step:
                     jax.block_until_ready(metrics)
                 iteration += 1

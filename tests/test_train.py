@@ -198,7 +198,7 @@ def _run_iterations(config, num_devices, n):
     for p in range(n):
         batch = data.get_stacked_batch(source, p * 2, 8, 2, seed=0)
         batch = data.shard_batch(batch, mesh, batch_axis=1)
-        state, m = iterate(state, batch["image"])
+        state, m = iterate(state, batch["image"], batch["label"])
         metrics.append(jax.device_get(m))
     return state, metrics
 
@@ -296,3 +296,28 @@ def test_fid_and_is_inside_training_keep_the_best_checkpoint(tmp_path):
     assert summary["best_fid_iteration"] == best["step"]
     assert os.listdir(tmp_path / "best") == [str(best["step"])]
     assert (tmp_path / "reference_stats.npz").exists()  # computed once from the data source
+
+
+@pytest.mark.parametrize("module", ["stl10", "cifar10_biggan", "tiny_imagenet"])
+def test_benchmark_configs_validate_at_full_size(module):
+    import importlib
+
+    config = importlib.import_module(f"experiments.configs.{module}").get_config()
+    spec = train.validate_config(config, device_count=1, process_count=1)
+    assert spec.name == "adapt" and config.data.image_size in (32, 48, 64)
+
+
+def test_class_conditional_biggan_trains_with_labels(tmp_path):
+    config = tiny_config(**{"model.name": "biggan32", "sparsity.method": "adapt",
+                            "train.iterations": 4, "train.sample_every": 4})
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary["finished"]
+    restored, setup = restore_final(str(tmp_path), config)
+    assert setup.num_classes == 10
+    # The projection head and class embeddings stay dense; conv/dense kernels are masked.
+    flags = {sp.path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(
+        sp.maskable_tree(restored.state.d_params))}
+    assert not any(v for k, v in flags.items() if "embed" in k or "classifier" in k)
+    assert int(sp.count_active(restored.state.d_masks)) == int(restored.state.controller.count)
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "br/ratio" in r]
+    assert rows  # BR measured through the conditional forwards

@@ -84,6 +84,28 @@ class GanSetup:
     ema_decay: float = 0.999
     density_control: control.DensityControl | None = None
     is_maskable: Callable | None = None
+    num_classes: int = 0  # > 0: class-conditional G(z, y) and D(x, y)
+
+
+def g_apply(setup: GanSetup, variables: PyTree, z: jax.Array, y: jax.Array | None, *,
+            train: bool, **kwargs):
+    """``G.apply`` for conditional (``y`` (B,) int32) and unconditional models alike."""
+    args = (z, y) if setup.num_classes else (z,)
+    return setup.generator.apply(variables, *args, train=train, **kwargs)
+
+
+def d_apply(setup: GanSetup, variables: PyTree, x: jax.Array, y: jax.Array | None, *,
+            update_stats: bool = True, **kwargs):
+    """``D.apply`` for conditional (``y`` (B,) int32) and unconditional models alike."""
+    args = (x, y) if setup.num_classes else (x,)
+    return setup.discriminator.apply(variables, *args, update_stats=update_stats, **kwargs)
+
+
+def sample_labels(key: jax.Array, batch: int, setup: GanSetup) -> jax.Array | None:
+    """Uniform class labels for fake images (None for unconditional models)."""
+    if not setup.num_classes:
+        return None
+    return jax.random.randint(key, (batch,), 0, setup.num_classes, dtype=jnp.int32)
 
 
 def _masked(params: PyTree, masks: PyTree, setup: GanSetup) -> PyTree:
@@ -104,8 +126,11 @@ def init_state(setup: GanSetup, key: jax.Array, *, distribution: str = "erk",
     """
     k_g, k_d, k_gm, k_dm, k_run = jax.random.split(key, 5)
     z = jnp.zeros((1, setup.z_dim))
-    g_vars = setup.generator.init(k_g, z, train=False)
-    d_vars = setup.discriminator.init(k_d, jnp.zeros((1, *setup.image_shape)))
+    y = jnp.zeros((1,), jnp.int32) if setup.num_classes else None
+    g_vars = setup.generator.init(k_g, *((z, y) if y is not None else (z,)), train=False)
+    d_vars = setup.discriminator.init(
+        k_d, *((jnp.zeros((1, *setup.image_shape)), y) if y is not None
+               else (jnp.zeros((1, *setup.image_shape)),)))
     g_params, d_params = g_vars["params"], d_vars["params"]
     m = setup.method
     if m.masked:
@@ -136,13 +161,18 @@ def init_state(setup: GanSetup, key: jax.Array, *, distribution: str = "erk",
 
 
 def generate(setup: GanSetup, params: PyTree, g_state: PyTree, masks: PyTree, z: jax.Array,
-             *, train: bool = True) -> jax.Array:
-    """Images from G with masked ``params`` (e.g. the EMA); BN running stats are not written."""
+             y: jax.Array | None = None, *, train: bool = True) -> jax.Array:
+    """Images from G with masked ``params`` (e.g. the EMA); G's state is not written.
+
+    ``y`` (B,) int32 labels are required for conditional models.
+    """
+    if setup.num_classes and y is None:
+        raise ValueError("A class-conditional generator needs labels `y`.")
     variables = {"params": _masked(params, masks, setup), "batch_stats": g_state}
     if train:
-        images, _ = setup.generator.apply(variables, z, train=True, mutable=["batch_stats"])
+        images, _ = g_apply(setup, variables, z, y, train=True, mutable=["batch_stats"])
         return images
-    return setup.generator.apply(variables, z, train=False)
+    return g_apply(setup, variables, z, y, train=False)
 
 
 def _sample_z(key: jax.Array, batch: int, setup: GanSetup, sharding) -> jax.Array:
@@ -150,24 +180,28 @@ def _sample_z(key: jax.Array, batch: int, setup: GanSetup, sharding) -> jax.Arra
     return z if sharding is None else jax.lax.with_sharding_constraint(z, sharding)
 
 
-def _d_steps(setup: GanSetup, state: TrainState, real: jax.Array, key: jax.Array, z_sharding):
+def _d_steps(setup: GanSetup, state: TrainState, real: jax.Array, real_labels: jax.Array,
+             key: jax.Array, z_sharding):
     """n_dis D updates in a scan; returns the new D pieces, G's BN state, losses, last grads."""
-    G, D = setup.generator, setup.discriminator
     g_eff = _masked(state.g_params, state.g_masks, setup)
     policy = setup.method.policy
 
     def one_step(carry, inputs):
         d_params, d_state, d_opt, g_state, _ = carry
-        x_real, k = inputs
-        z = _sample_z(k, setup.batch_d, setup, z_sharding)
-        fake, g_upd = G.apply({"params": g_eff, "batch_stats": g_state}, z, train=True,
-                              mutable=["batch_stats"])
+        x_real, y_real, k = inputs
+        k_z, k_y = jax.random.split(k)
+        z = _sample_z(k_z, setup.batch_d, setup, z_sharding)
+        y_fake = sample_labels(k_y, setup.batch_d, setup)
+        fake, g_upd = g_apply(setup, {"params": g_eff, "batch_stats": g_state}, z, y_fake,
+                              train=True, mutable=["batch_stats"])
         fake = jax.lax.stop_gradient(fake)
+        y_both = None if y_fake is None else jnp.concatenate([y_real, y_fake])
 
         def loss_fn(d_eff):
             # Real and fake in one forward: one spectral-norm power iteration per D step.
-            scores, upd = D.apply({"params": d_eff, "batch_stats": d_state},
-                                  jnp.concatenate([x_real, fake]), mutable=["batch_stats"])
+            scores, upd = d_apply(setup, {"params": d_eff, "batch_stats": d_state},
+                                  jnp.concatenate([x_real, fake]), y_both,
+                                  mutable=["batch_stats"])
             n = x_real.shape[0]
             return losses.d_hinge_loss(scores[:n], scores[n:]), upd
 
@@ -186,20 +220,21 @@ def _d_steps(setup: GanSetup, state: TrainState, real: jax.Array, key: jax.Array
     zero_grads = jax.tree_util.tree_map(jnp.zeros_like, state.d_params)
     carry = (state.d_params, state.d_state, state.d_opt, state.g_state, zero_grads)
     (d_params, d_state, d_opt, g_state, d_grads), d_losses = jax.lax.scan(
-        one_step, carry, (real, keys))
+        one_step, carry, (real, real_labels, keys))
     return d_params, d_state, d_opt, g_state, d_grads, d_losses
 
 
 def _g_step(setup: GanSetup, state: TrainState, d_params, d_state, g_state, key, z_sharding):
-    """One G update; returns new G pieces, D's SN state, loss, dense grads, z and b-scores."""
-    G, D = setup.generator, setup.discriminator
+    """One G update; returns new G pieces, D's SN state, loss, grads, (z, y) and b-scores."""
     d_eff = _masked(d_params, state.d_masks, setup)
-    z = _sample_z(key, setup.batch_g, setup, z_sharding)
+    k_z, k_y = jax.random.split(key)
+    z = _sample_z(k_z, setup.batch_g, setup, z_sharding)
+    y = sample_labels(k_y, setup.batch_g, setup)
 
     def loss_fn(g_eff):
-        fake, g_upd = G.apply({"params": g_eff, "batch_stats": g_state}, z, train=True,
-                              mutable=["batch_stats"])
-        scores, d_upd = D.apply({"params": d_eff, "batch_stats": d_state}, fake,
+        fake, g_upd = g_apply(setup, {"params": g_eff, "batch_stats": g_state}, z, y,
+                              train=True, mutable=["batch_stats"])
+        scores, d_upd = d_apply(setup, {"params": d_eff, "batch_stats": d_state}, fake, y,
                                 mutable=["batch_stats"])
         return losses.g_hinge_loss(scores), (scores, g_upd["batch_stats"], d_upd["batch_stats"])
 
@@ -211,17 +246,16 @@ def _g_step(setup: GanSetup, state: TrainState, d_params, d_state, g_state, key,
     else:
         updates, g_opt = setup.g_tx.update(grads, state.g_opt, state.g_params)
         g_params = optax.apply_updates(state.g_params, updates)
-    return g_params, g_state, g_opt, d_state, loss, grads, z, b_scores
+    return g_params, g_state, g_opt, d_state, loss, grads, (z, y), b_scores
 
 
-def _br_forwards(setup: GanSetup, g_params, g_state, g_masks, d_params, d_state, d_masks, z,
-                 x_real):
+def _br_forwards(setup: GanSetup, g_params, g_state, g_masks, d_params, d_state, d_masks, z, y,
+                 x_real, y_real):
     """a-scores D(G_post(z)) and c-scores D(x_r), with no state written (SPEC section 2)."""
-    D = setup.discriminator
     d_vars = {"params": _masked(d_params, d_masks, setup), "batch_stats": d_state}
-    fake_post = generate(setup, g_params, g_state, g_masks, z, train=True)
-    a_scores = D.apply(d_vars, fake_post, update_stats=False)
-    c_scores = D.apply(d_vars, x_real, update_stats=False)
+    fake_post = generate(setup, g_params, g_state, g_masks, z, y, train=True)
+    a_scores = d_apply(setup, d_vars, fake_post, y, update_stats=False)
+    c_scores = d_apply(setup, d_vars, x_real, y_real, update_stats=False)
     return a_scores, c_scores
 
 
@@ -290,6 +324,7 @@ def _leaf_counts(masks: PyTree, setup: GanSetup) -> jax.Array:
 
 
 def train_iteration(setup: GanSetup, state: TrainState, real: jax.Array,
+                    real_labels: jax.Array | None = None,
                     z_sharding=None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One iteration: n_dis D steps, G step, BR, mask updates, EMA.
 
@@ -297,6 +332,7 @@ def train_iteration(setup: GanSetup, state: TrainState, real: jax.Array,
       setup: static run description.
       state: the train state after ``state.step`` iterations.
       real: (n_dis, B_D, H, W, 3) float32 real batches in [-1, 1], one per D step.
+      real_labels: (n_dis, B_D) int32 labels of ``real`` (conditional models; else ignored).
       z_sharding: optional sharding for noise batches (batch axis on the data mesh axis).
 
     Returns:
@@ -305,16 +341,18 @@ def train_iteration(setup: GanSetup, state: TrainState, real: jax.Array,
     """
     key, k_d, k_g, k_gm, k_dm = jax.random.split(state.key, 5)
     t = state.step + 1
-    d_params, d_state, d_opt, g_state, d_grads, d_losses = _d_steps(setup, state, real, k_d,
-                                                                      z_sharding)
-    g_params, g_state, g_opt, d_state, g_loss, g_grads, z, b_scores = _g_step(
+    if real_labels is None:
+        real_labels = jnp.zeros(real.shape[:2], jnp.int32)
+    d_params, d_state, d_opt, g_state, d_grads, d_losses = _d_steps(
+        setup, state, real, real_labels, k_d, z_sharding)
+    g_params, g_state, g_opt, d_state, g_loss, g_grads, (z, y), b_scores = _g_step(
         setup, state, d_params, d_state, g_state, k_g, z_sharding)
 
     measure = balance.is_measure_step(t, setup.br_every)
 
     def measure_br(_):
         a_scores, c_scores = _br_forwards(setup, g_params, g_state, state.g_masks, d_params,
-                                          d_state, state.d_masks, z, real[-1])
+                                          d_state, state.d_masks, z, y, real[-1], real_labels[-1])
         return balance.balance_ratio(c_scores, b_scores, a_scores, setup.br_eps)
 
     ratio = jax.lax.cond(measure, measure_br, lambda _: jnp.float32(jnp.nan), None)

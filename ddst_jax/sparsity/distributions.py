@@ -59,6 +59,11 @@ def erk_densities(
     Returns:
       A pytree like ``params`` of Python floats: ``eps * raw_l`` for free leaves, exactly 1.0 for
       forced-dense and non-maskable leaves.
+
+    >>> import numpy as np
+    >>> params = {'a': {'kernel': np.zeros((2, 2))}, 'b': {'kernel': np.zeros((8, 8))}}
+    >>> erk_densities(params, 0.5)  # 'a' (raw 1.0) is forced dense: (4 + 0.46875 * 64) / 68
+    {'a': {'kernel': 1.0}, 'b': {'kernel': 0.46875}}
     """
     d = validate_density(density)
     pred = _predicate(is_maskable)
@@ -99,7 +104,12 @@ def layer_densities(
     is_maskable: MaskablePredicate | None = None,
     power: float = 1.0,
 ) -> PyTree:
-    """Dispatch on a distribution name: ``'erk'`` or ``'uniform'``."""
+    """Dispatch on a distribution name: ``'erk'`` or ``'uniform'``.
+
+    >>> import numpy as np
+    >>> layer_densities({'kernel': np.zeros((4, 4)), 'bias': np.zeros(4)}, 0.5, 'uniform')
+    {'bias': 1.0, 'kernel': 0.5}
+    """
     if distribution == "erk":
         return erk_densities(params, density, is_maskable=is_maskable, power=power)
     if distribution == "uniform":

@@ -42,6 +42,14 @@ class MaskUpdate(NamedTuple):
       kept: entries active before and after, whose weights keep their values.
       grown: entries activated by this update; their weights (and, under the RigL optimizer
         policy, their optimizer moments) start at 0. Disjoint from ``kept``.
+
+    >>> import jax.numpy as jnp
+    >>> u = resize_update({'kernel': jnp.array([[True, False], [False, False]])}, 2, None,
+    ...                   {'kernel': jnp.array([[0.0, 0.1], [0.5, 0.2]])})
+    >>> u.masks['kernel'].tolist()  # kept | grown
+    [[True, False], [True, False]]
+    >>> u.kept['kernel'].tolist(), u.grown['kernel'].tolist()
+    ([[True, False], [False, False]], [[False, False], [True, False]])
     """
 
     masks: PyTree
@@ -53,17 +61,33 @@ class MaskUpdate(NamedTuple):
 
 
 def magnitude_scores(params: PyTree) -> PyTree:
-    """Drop score |w| (prune the smallest magnitudes)."""
+    """Drop score |w| (prune the smallest magnitudes).
+
+    >>> import jax.numpy as jnp
+    >>> magnitude_scores({'kernel': jnp.array([[-2.0, 0.5]])})['kernel'].tolist()
+    [[2.0, 0.5]]
+    """
     return jax.tree_util.tree_map(jnp.abs, params)
 
 
 def gradient_scores(grads: PyTree) -> PyTree:
-    """RigL grow score |dL/d(w*m)|: pass the dense gradient w.r.t. the effective weights."""
+    """RigL grow score |dL/d(w*m)|: pass the dense gradient w.r.t. the effective weights.
+
+    >>> import jax.numpy as jnp
+    >>> gradient_scores({'kernel': jnp.array([[0.25, -1.0]])})['kernel'].tolist()
+    [[0.25, 1.0]]
+    """
     return jax.tree_util.tree_map(jnp.abs, grads)
 
 
 def random_scores(key: jax.Array, tree: PyTree) -> PyTree:
-    """SET grow score: i.i.d. uniform [0, 1) per entry, one folded key per leaf."""
+    """SET grow score: i.i.d. uniform [0, 1) per entry, one folded key per leaf.
+
+    >>> import jax, jax.numpy as jnp
+    >>> s = random_scores(jax.random.key(0), {'kernel': jnp.zeros((2, 3), bool)})['kernel']
+    >>> s.shape, bool(((s >= 0) & (s < 1)).all())
+    ((2, 3), True)
+    """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     return jax.tree_util.tree_unflatten(
         treedef,
@@ -186,6 +210,13 @@ def drop_and_grow_update(
       scope: ``"global"`` ranks across all maskable leaves together (the paper's default; layer
         densities drift), ``"layer"`` ranks within each leaf (layer densities fixed).
       is_maskable: predicate ``(path, leaf) -> bool``; defaults to ``default_is_maskable``.
+
+    >>> import jax.numpy as jnp
+    >>> m = {'kernel': jnp.array([[True, True], [False, False]])}
+    >>> u = drop_and_grow_update(m, {'kernel': jnp.array([[0.2, 0.9], [0.0, 0.0]])},
+    ...                          {'kernel': jnp.array([[0.0, 0.0], [1.0, 0.3]])}, 0.5)
+    >>> u.kept['kernel'].tolist(), u.grown['kernel'].tolist()  # floor(2 * 0.5) = 1 swap
+    ([[False, True], [False, False]], [[False, False], [True, False]])
     """
     _check_scope(scope)
     _check_fraction(drop_fraction)
@@ -246,6 +277,12 @@ def resize_update(
     Growing activates the inactive entries with the highest grow score (e.g. |dL_D/d(w*m)|);
     shrinking keeps the active entries with the highest drop score (e.g. |w|). Ties go to the
     lower flat index. A traced ``target_count`` is clipped to [1, N].
+
+    >>> import jax.numpy as jnp
+    >>> m = {'kernel': jnp.array([[True, True], [True, False]])}
+    >>> u = resize_update(m, 1, {'kernel': jnp.array([[0.3, 0.1], [0.2, 0.0]])}, None)
+    >>> u.masks['kernel'].tolist(), int(u.grown['kernel'].sum())  # shrinking grows nothing
+    ([[True, False], [False, False]], 0)
     """
     _check_scores(drop_scores, masks, "drop_scores")
     _check_scores(grow_scores, masks, "grow_scores")
@@ -283,5 +320,13 @@ def resize(
 
 
 def params_after_update(params: PyTree, update: MaskUpdate) -> PyTree:
-    """Params for the new masks: kept entries keep their values; grown and inactive ones are 0."""
+    """Params for the new masks: kept entries keep their values; grown and inactive ones are 0.
+
+    >>> import jax.numpy as jnp
+    >>> u = MaskUpdate(masks={'w': jnp.array([True, True, False])},
+    ...                kept={'w': jnp.array([True, False, False])},
+    ...                grown={'w': jnp.array([False, True, False])})
+    >>> params_after_update({'w': jnp.array([1.0, 2.0, 3.0])}, u)['w'].tolist()
+    [1.0, 0.0, 0.0]
+    """
     return apply_masks(params, update.kept)

@@ -30,7 +30,12 @@ DEFAULT_DENSE_MODULE_FRAGMENTS: tuple[str, ...] = ("embed", "projection", "class
 
 
 def key_name(key: Any) -> str:
-    """The plain name of one entry of a JAX key path (dict key, attribute or index)."""
+    """The plain name of one entry of a JAX key path (dict key, attribute or index).
+
+    >>> import jax
+    >>> key_name(jax.tree_util.DictKey('kernel')), key_name(jax.tree_util.SequenceKey(2))
+    ('kernel', '2')
+    """
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
             return str(getattr(key, attr))
@@ -71,7 +76,15 @@ def default_is_maskable(path: KeyPath, leaf: Any) -> bool:
 def maskable_except(patterns: Sequence[str]) -> MaskablePredicate:
     """The default predicate, additionally keeping dense every leaf whose path contains a pattern.
 
-    Example: ``maskable_except(['Conv_0'])`` leaves a network's first conv dense.
+    Patterns match substrings of the whole ``'a/b/kernel'`` path: ``'Conv_0'`` also matches
+    ``'Block_1/Conv_0/kernel'``; anchor it (e.g. ``'stem/'``) to keep one layer dense.
+
+    >>> import numpy as np
+    >>> pred, w = maskable_except(['Conv_0']), np.zeros((3, 3, 3, 8))
+    >>> pred(('Conv_0', 'kernel'), w), pred(('Block_0', 'Conv_0', 'kernel'), w)
+    (False, False)
+    >>> pred(('Conv_1', 'kernel'), w)
+    True
     """
     patterns = tuple(patterns)
 
@@ -86,7 +99,12 @@ def _predicate(is_maskable: MaskablePredicate | None) -> MaskablePredicate:
 
 
 def maskable_tree(tree: PyTree, is_maskable: MaskablePredicate | None = None) -> PyTree:
-    """A pytree like ``tree`` of Python bools: which leaves are maskable."""
+    """A pytree like ``tree`` of Python bools: which leaves are maskable.
+
+    >>> import numpy as np
+    >>> maskable_tree({'Dense_0': {'kernel': np.zeros((2, 3)), 'bias': np.zeros(3)}})
+    {'Dense_0': {'bias': False, 'kernel': True}}
+    """
     pred = _predicate(is_maskable)
     return jax.tree_util.tree_map_with_path(lambda p, x: bool(pred(p, x)), tree)
 
@@ -94,7 +112,13 @@ def maskable_tree(tree: PyTree, is_maskable: MaskablePredicate | None = None) ->
 def maskable_leaves(
     tree: PyTree, is_maskable: MaskablePredicate | None = None
 ) -> list[tuple[KeyPath, Any]]:
-    """The ``(path, leaf)`` pairs of the maskable leaves, in tree-flatten order."""
+    """The ``(path, leaf)`` pairs of the maskable leaves, in tree-flatten order.
+
+    >>> import numpy as np
+    >>> params = {'Dense_0': {'kernel': np.zeros((2, 3)), 'bias': np.zeros(3)}}
+    >>> [path_str(p) for p, _ in maskable_leaves(params)]
+    ['Dense_0/kernel']
+    """
     pred = _predicate(is_maskable)
     return [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(tree) if pred(p, x)]
 
@@ -102,7 +126,14 @@ def maskable_leaves(
 def check_same_structure(
     a: PyTree, b: PyTree, name_a: str, name_b: str, *, shapes: bool = True
 ) -> None:
-    """Raise ``ValueError`` naming the first difference if two trees differ in structure/shapes."""
+    """Raise ``ValueError`` naming the first difference if two trees differ in structure/shapes.
+
+    >>> import numpy as np
+    >>> check_same_structure({'w': np.zeros(2)}, {'w': np.zeros(3)}, 'params', 'masks')
+    Traceback (most recent call last):
+      ...
+    ValueError: `params` and `masks` differ in shape at 'w': (2,) vs (3,).
+    """
     paths_a = jax.tree_util.tree_leaves_with_path(a)
     paths_b = jax.tree_util.tree_leaves_with_path(b)
     keys_a = [path_str(p) for p, _ in paths_a]
@@ -135,7 +166,15 @@ def count_for_density(density: float, size: int) -> int:
 
 
 def validate_density(density: float, name: str = "density") -> float:
-    """Return ``density`` as float if it lies in (0, 1]; otherwise raise a clear ``ValueError``."""
+    """Return ``density`` as float if it lies in (0, 1]; otherwise raise a clear ``ValueError``.
+
+    >>> validate_density(1)
+    1.0
+    >>> validate_density(0.0, 'd_min')
+    Traceback (most recent call last):
+      ...
+    ValueError: `d_min` must lie in (0, 1], got 0.0.
+    """
     d = float(density)
     if not (0.0 < d <= 1.0) or math.isnan(d):
         raise ValueError(f"`{name}` must lie in (0, 1], got {density!r}.")
@@ -211,6 +250,11 @@ def count_active(
     """Active entries over the maskable leaves (int32 scalar), or per leaf with ``per_leaf=True``.
 
     Per leaf, non-maskable leaves report their full size.
+
+    >>> import jax, jax.numpy as jnp
+    >>> m = {'bias': jnp.ones((2,), bool), 'kernel': jnp.array([[True, False], [True, True]])}
+    >>> int(count_active(m)), jax.tree_util.tree_map(int, count_active(m, per_leaf=True))
+    (3, {'bias': 2, 'kernel': 3})
     """
     pred = _predicate(is_maskable)
     if per_leaf:
@@ -221,7 +265,12 @@ def count_active(
 
 
 def num_maskable(tree: PyTree, *, is_maskable: MaskablePredicate | None = None) -> int:
-    """Number of maskable entries N (a Python int) of a params or mask tree."""
+    """Number of maskable entries N (a Python int) of a params or mask tree.
+
+    >>> import numpy as np
+    >>> num_maskable({'kernel': np.zeros((3, 4)), 'bias': np.zeros(4)})
+    12
+    """
     return int(sum(int(np.prod(np.shape(x))) for _, x in maskable_leaves(tree, is_maskable)))
 
 
@@ -243,5 +292,10 @@ def density(
 
 
 def dense_masks(params: PyTree) -> PyTree:
-    """All-True masks like ``params`` (the dense method)."""
+    """All-True masks like ``params`` (the dense method).
+
+    >>> import numpy as np
+    >>> dense_masks({'kernel': np.zeros((1, 2))})['kernel'].tolist()
+    [[True, True]]
+    """
     return jax.tree_util.tree_map(lambda p: jnp.ones(np.shape(p), bool), params)

@@ -24,14 +24,26 @@ POLICIES = ("paper", "rigl")
 
 
 def check_policy(policy: str) -> str:
-    """Return ``policy`` if known, else raise a ``ValueError`` listing the options."""
+    """Return ``policy`` if known, else raise a ``ValueError`` listing the options.
+
+    >>> check_policy('rigl')
+    'rigl'
+    """
     if policy not in POLICIES:
         raise ValueError(f"Unknown optimizer-state `policy` {policy!r}; use one of {POLICIES}.")
     return policy
 
 
 def gradients_for_optimizer(grads: PyTree, masks: PyTree, policy: str = "paper") -> PyTree:
-    """Gradients to feed the optimizer: dense under ``"paper"``, masked under ``"rigl"``."""
+    """Gradients to feed the optimizer: dense under ``"paper"``, masked under ``"rigl"``.
+
+    >>> import jax.numpy as jnp
+    >>> g, m = {'kernel': jnp.ones((1, 2))}, {'kernel': jnp.array([[True, False]])}
+    >>> gradients_for_optimizer(g, m)['kernel'].tolist()
+    [[1.0, 1.0]]
+    >>> gradients_for_optimizer(g, m, 'rigl')['kernel'].tolist()
+    [[1.0, 0.0]]
+    """
     check_policy(policy)
     return grads if policy == "paper" else apply_masks(grads, masks)
 
@@ -41,6 +53,13 @@ def zero_state_at(optimizer: optax.GradientTransformation, opt_state: PyTree,
     """Zero the params-shaped leaves of ``opt_state`` where ``positions`` (bool, like params) holds.
 
     Counters and other non-parameter fields (e.g. Adam's ``count``) are left unchanged.
+
+    >>> import jax.numpy as jnp, optax
+    >>> opt, p = optax.sgd(1.0, momentum=0.9), {'kernel': jnp.zeros((1, 2))}
+    >>> _, state = opt.update({'kernel': jnp.ones((1, 2))}, opt.init(p), p)  # trace = 1
+    >>> state = zero_state_at(opt, state, {'kernel': jnp.array([[False, True]])})
+    >>> state[0].trace['kernel'].tolist()
+    [[1.0, 0.0]]
     """
     return otu.tree_map_params(
         optimizer,
@@ -53,7 +72,17 @@ def zero_state_at(optimizer: optax.GradientTransformation, opt_state: PyTree,
 
 def optimizer_state_after_regrowth(optimizer: optax.GradientTransformation, opt_state: PyTree,
                                    grown: PyTree, policy: str = "paper") -> PyTree:
-    """Optimizer state after a mask update: kept (``paper``) or zeroed at ``grown`` (``rigl``)."""
+    """Optimizer state after a mask update: kept (``paper``) or zeroed at ``grown`` (``rigl``).
+
+    >>> import jax.numpy as jnp, optax
+    >>> opt, p = optax.sgd(1.0, momentum=0.9), {'kernel': jnp.zeros((1, 2))}
+    >>> _, state = opt.update({'kernel': jnp.ones((1, 2))}, opt.init(p), p)  # trace = 1
+    >>> grown = {'kernel': jnp.array([[False, True]])}
+    >>> optimizer_state_after_regrowth(opt, state, grown) is state
+    True
+    >>> optimizer_state_after_regrowth(opt, state, grown, 'rigl')[0].trace['kernel'].tolist()
+    [[1.0, 0.0]]
+    """
     check_policy(policy)
     if policy == "paper":
         return opt_state
@@ -61,7 +90,13 @@ def optimizer_state_after_regrowth(optimizer: optax.GradientTransformation, opt_
 
 
 def masked_apply_updates(params: PyTree, updates: PyTree, masks: PyTree) -> PyTree:
-    """``optax.apply_updates`` followed by re-zeroing the inactive weights (both policies)."""
+    """``optax.apply_updates`` followed by re-zeroing the inactive weights (both policies).
+
+    >>> import jax.numpy as jnp
+    >>> p, u = {'kernel': jnp.ones((1, 2))}, {'kernel': jnp.ones((1, 2))}
+    >>> masked_apply_updates(p, u, {'kernel': jnp.array([[True, False]])})['kernel'].tolist()
+    [[2.0, 0.0]]
+    """
     return apply_masks(optax.apply_updates(params, updates), masks)
 
 

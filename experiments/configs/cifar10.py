@@ -25,6 +25,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.model.z_dim = 128  # Noise dimension.
     c.model.g_ch = 256  # G width (sngan32: every block).
     c.model.d_ch = 128  # D width (sngan32: every block).
+    # Classes of a conditional model (BigGAN); None: the architecture's default.
+    c.model.num_classes = config_dict.placeholder(int)
 
     c.data = data.default_config()  # Input pipeline; see ddst_jax.data.default_config.
 
