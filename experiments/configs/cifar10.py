@@ -98,10 +98,18 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.parallel.process_id = config_dict.placeholder(int)
     c.parallel.num_devices = 0  # Devices of the data-parallel mesh; 0: every device.
 
+    return with_preset(c, preset, (16, 16))
+
+
+def with_preset(c: ml_collections.ConfigDict, preset: str | None,
+                smoke_widths: tuple[int, int]) -> ml_collections.ConfigDict:
+    """Apply a named preset to a benchmark's full config; ``smoke_widths`` = (g_ch, d_ch)."""
     if preset in (None, ""):
         return c
     if preset == "smoke":
-        return _smoke(c)
+        c = _smoke(c)
+        c.model.g_ch, c.model.d_ch = smoke_widths
+        return c
     raise ValueError(f"Unknown preset {preset!r}; use none or 'smoke'.")
 
 

@@ -22,9 +22,4 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.train.beta2 = 0.999
     c.train.ema_decay = 0.9999
     c.eval.batch_size = 50
-    if preset == "smoke":
-        c = cifar10._smoke(c)
-        c.model.g_ch, c.model.d_ch = 16, 16
-    elif preset not in (None, ""):
-        raise ValueError(f"Unknown preset {preset!r}; use none or 'smoke'.")
-    return c
+    return cifar10.with_preset(c, preset, smoke_widths=(16, 16))

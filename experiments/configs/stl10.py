@@ -18,9 +18,4 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.data.split = "unlabelled"
     c.data.label_key = "label"
     c.data.image_size = 48
-    if preset == "smoke":
-        c = cifar10._smoke(c)
-        c.model.g_ch, c.model.d_ch = 32, 64
-    elif preset not in (None, ""):
-        raise ValueError(f"Unknown preset {preset!r}; use none or 'smoke'.")
-    return c
+    return cifar10.with_preset(c, preset, smoke_widths=(32, 64))

@@ -28,9 +28,4 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.train.batch_size_d = 256
     c.train.beta2 = 0.999
     c.train.ema_decay = 0.9999
-    if preset == "smoke":
-        c = cifar10._smoke(c)
-        c.model.g_ch, c.model.d_ch = 4, 8
-    elif preset not in (None, ""):
-        raise ValueError(f"Unknown preset {preset!r}; use none or 'smoke'.")
-    return c
+    return cifar10.with_preset(c, preset, smoke_widths=(4, 8))
