@@ -64,16 +64,18 @@ def bench(method: str, reps: int) -> dict[str, float]:
     state = init_fn(jax.random.key(0))
     real = jax.random.uniform(jax.random.key(1), (config.train.n_dis, config.train.batch_size_d,
                                                   32, 32, 3), minval=-1.0, maxval=1.0)
+    labels = jnp.zeros(real.shape[:2], jnp.int32)
     t0 = time.perf_counter()
-    compiled = iterate.lower(state, real).compile()
+    compiled = iterate.lower(state, real, labels).compile()
     compile_s = time.perf_counter() - t0
     # Step s -> the iteration computes t = s + 1; choose t to hit (or avoid) scheduled work.
     ordinary = 1  # t = 2: no BR (br_every 10), no mask update (500), no decision (1000)
-    state, plain = _time(lambda s, r: compiled(_at_step(s, ordinary), r), state, real, reps)
-    state, with_br = _time(lambda s, r: compiled(_at_step(s, 9), r), state, real, reps)
+    state, plain = _time(lambda s, r: compiled(_at_step(s, ordinary), r, labels), state, real,
+                         reps)
+    state, with_br = _time(lambda s, r: compiled(_at_step(s, 9), r, labels), state, real, reps)
     every = config.sparsity.g_update_every
-    state, with_update = _time(lambda s, r: compiled(_at_step(s, every - 1), r), state, real,
-                               reps)
+    state, with_update = _time(lambda s, r: compiled(_at_step(s, every - 1), r, labels), state,
+                               real, reps)
     return {"compile_s": compile_s, "plain_s": plain, "br_s": with_br, "update_s": with_update}
 
 

@@ -365,6 +365,21 @@ def final_br(curves: dict[str, np.ndarray]) -> float:
     return float(curves["br/windowed"][-1])
 
 
+def late_br_median(curves: dict[str, np.ndarray], fraction: float = 0.5) -> float:
+    """Median of the finite BR measurements in the last ``fraction`` of the run (NaN if none).
+
+    A robust companion to ``final_br``: with a Lipschitz D the gap c - b is sometimes tiny, and
+    one huge ratio can dominate a mean of ratios.
+
+    >>> late_br_median({"br/ratio": np.array([9.0, 9.0, 9.0, 9.0, 0.4, np.nan, 0.6, 0.5])})
+    0.5
+    """
+    ratios = np.asarray(curves["br/ratio"], np.float64)
+    late = ratios[int(len(ratios) * (1.0 - fraction)):]
+    late = late[np.isfinite(late)]
+    return float(np.median(late)) if late.size else float("nan")
+
+
 def final_d_density(state: steps.TrainState, setup: steps.GanSetup) -> float:
     """D's overall density at the end of a run (1.0 for the dense method)."""
     return float(sp.density(state.d_masks, is_maskable=setup.is_maskable))
@@ -373,13 +388,14 @@ def final_d_density(state: steps.TrainState, setup: steps.GanSetup) -> float:
 def evaluate(setup: steps.GanSetup, state: steps.TrainState, curves: dict[str, np.ndarray],
              dataset: str, key: jax.Array, *, num_samples: int = 10_000, ema: bool = True,
              min_fraction: float = 0.1) -> dict[str, Any]:
-    """The benchmark's four numbers for one run, plus the samples used."""
+    """The benchmark's four numbers for one run, the late BR median and the samples used."""
     samples = generate_samples(setup, state, key, num_samples, ema=ema)
     m = mode_metrics(samples, dataset, min_fraction=min_fraction)
     return {
         "modes_covered": m["modes_covered"],
         "high_quality": m["high_quality"],
         "br": final_br(curves),
+        "br_median_late": late_br_median(curves),
         "d_density": final_d_density(state, setup),
         "samples": samples,
     }
