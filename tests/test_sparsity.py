@@ -482,3 +482,9 @@ def test_masked_step_traces_once_across_mask_updates():
                                  0.3 + 0.1 * i)
     assert int(sp.count_active(masks)) == sp.count_for_density(0.3, 36) + \
         sp.count_for_density(0.3, 18)
+
+
+def test_init_masks_accepts_numpy_and_jax_scalar_densities():
+    params = {"kernel": jnp.zeros((4, 5))}
+    for d in (np.float32(0.25), jnp.asarray(0.25), 0.25):
+        assert int(sp.init_masks(jax.random.key(0), params, d)["kernel"].sum()) == 5

@@ -210,8 +210,8 @@ def init_masks(
     """
     pred = _predicate(is_maskable)
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-    if isinstance(densities, int | float):
-        dens = [densities] * len(leaves_with_path)
+    if np.ndim(densities) == 0 and not isinstance(densities, dict | list | tuple):
+        dens = [float(densities)] * len(leaves_with_path)  # any scalar, e.g. np.float32
     else:
         check_same_structure(params, densities, "params", "densities", shapes=False)
         dens = jax.tree_util.tree_leaves(densities)
