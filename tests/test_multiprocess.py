@@ -8,7 +8,7 @@ import sys
 import chex
 import jax
 import numpy as np
-from test_train import read_jsonl, restore_final, tiny_config
+from test_train import assert_masks_match, read_jsonl, restore_final, tiny_config
 
 from ddst_jax import train
 from ddst_jax.gan import steps
@@ -52,8 +52,8 @@ def test_two_processes_match_one_process_with_all_devices(tmp_path):
 
     a, setup = restore_final(str(multi), config)  # a checkpoint written by two processes
     b, _ = restore_final(str(single), config)
-    chex.assert_trees_all_equal(a.state.g_masks, b.state.g_masks)
-    chex.assert_trees_all_equal(a.state.d_masks, b.state.d_masks)
+    assert_masks_match(a.state.g_masks, b.state.g_masks)  # counts exact; near-tie swaps only
+    assert_masks_match(a.state.d_masks, b.state.d_masks)
     assert int(a.state.controller.count) == int(b.state.controller.count)
     chex.assert_trees_all_equal(a.state.br_window.count, b.state.br_window.count)
     # Params are compared through the generator's output, not leaf by leaf: a conv bias right
