@@ -334,8 +334,10 @@ def test_benchmark_configs_validate_at_full_size(module):
 
 def test_class_conditional_biggan_trains_with_labels(tmp_path):
     config = tiny_config(**{"model.name": "biggan32", "sparsity.method": "adapt",
-                            "train.iterations": 4, "train.sample_every": 4})
-    summary = train.train_and_evaluate(config, str(tmp_path))
+                            "train.iterations": 4, "train.sample_every": 4,
+                            "data.source": "tfds"})
+    with tfds.testing.mock_data(num_examples=32):  # mocked CIFAR-10 with labels
+        summary = train.train_and_evaluate(config, str(tmp_path))
     assert summary["finished"]
     restored, setup = restore_final(str(tmp_path), config)
     assert setup.num_classes == 10
