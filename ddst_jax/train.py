@@ -136,7 +136,7 @@ def build_setup(config: ml_collections.ConfigDict, spec: MethodSpec) -> steps.Ga
     setup = steps.GanSetup(
         generator=G, discriminator=D, g_tx=_adam(t.lr_g, config), d_tx=_adam(t.lr_d, config),
         method=spec, z_dim=pair.z_dim, image_shape=(size, size, 3),
-        num_classes=pair.num_classes,
+        num_classes=pair.num_classes, unroll_d_steps=t.get("unroll_d_steps", True),
         batch_g=t.batch_size_g, batch_d=t.batch_size_d, n_dis=t.n_dis,
         total_iterations=t.iterations, g_update_every=s.g_update_every,
         drop_fraction=s.drop_fraction, drop_fraction_final=s.drop_fraction_final,

@@ -85,6 +85,9 @@ class GanSetup:
     density_control: control.DensityControl | None = None
     is_maskable: Callable | None = None
     num_classes: int = 0  # > 0: class-conditional G(z, y) and D(x, y)
+    # Unroll the n_dis D steps of the scan. On XLA:CPU convolutions inside a while-loop body
+    # take a slow path: a dense width-64 SNGAN iteration measured 27.9 s rolled, 1.3 s unrolled.
+    unroll_d_steps: bool = True
 
 
 def g_apply(setup: GanSetup, variables: PyTree, z: jax.Array, y: jax.Array | None, *,
@@ -220,7 +223,7 @@ def _d_steps(setup: GanSetup, state: TrainState, real: jax.Array, real_labels: j
     zero_grads = jax.tree_util.tree_map(jnp.zeros_like, state.d_params)
     carry = (state.d_params, state.d_state, state.d_opt, state.g_state, zero_grads)
     (d_params, d_state, d_opt, g_state, d_grads), d_losses = jax.lax.scan(
-        one_step, carry, (real, real_labels, keys))
+        one_step, carry, (real, real_labels, keys), unroll=setup.unroll_d_steps)
     return d_params, d_state, d_opt, g_state, d_grads, d_losses
 
 
