@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_helpers import key as _key
+from model_helpers import leaves_by_path as _leaves_by_path
+from model_helpers import size as _size
 
 from ddst_jax.gan.biggan import (
     CBN_MODULE_NAMES,
@@ -31,20 +34,6 @@ from ddst_jax.gan.biggan import (
 from ddst_jax.sparsity import default_is_maskable
 
 BATCH = 4
-
-
-def _key(seed: int) -> jax.Array:
-    # "rbg" compiles faster than threefry on XLA:CPU; the models do not depend on the impl.
-    return jax.random.key(seed, impl="rbg")
-
-
-def _size(tree) -> int:
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
-
-
-def _leaves_by_path(tree) -> dict[str, jax.Array]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(k.key for k in path): leaf for path, leaf in flat}
 
 
 def _sn_weight_path(state_path: str) -> str:

@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_helpers import key as _key
+from model_helpers import leaves_by_path as _leaves_by_path
+from model_helpers import size as _size
 
 from ddst_jax.gan.losses import d_hinge_loss, g_hinge_loss
 from ddst_jax.gan.models import (
@@ -25,21 +28,6 @@ from ddst_jax.gan.models import (
 )
 
 BATCH = 4
-
-
-def _key(seed: int) -> jax.Array:
-    # The "rbg" PRNG compiles several times faster than threefry on XLA:CPU, and model inits are
-    # dominated by the compilation of their random draws. The models do not depend on the impl.
-    return jax.random.key(seed, impl="rbg")
-
-
-def _size(tree) -> int:
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
-
-
-def _leaves_by_path(tree) -> dict[str, jax.Array]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(k.key for k in path): leaf for path, leaf in flat}
 
 
 def _sn_kernel_path(state_path: str) -> str:
