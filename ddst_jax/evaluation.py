@@ -82,12 +82,12 @@ def inception_features_fn(weights_path: str | None) -> FeaturesFn:
 
 
 def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
-                         features_fn: FeaturesFn, mesh: jax.sharding.Mesh
-                         ) -> tuple[np.ndarray, np.ndarray]:
+                         features_fn: FeaturesFn, mesh: jax.sharding.Mesh,
+                         source: data.ImageSource) -> tuple[np.ndarray, np.ndarray]:
     """``config.eval.reference_stats`` (TTUR npz), or the training images' statistics.
 
-    Computed statistics are cached in ``workdir/reference_stats.npz`` (every training image of
-    the configured source, as the paper's CIFAR-10 statistics use all 50k train images).
+    Computed statistics are cached in ``workdir/reference_stats.npz`` (every image of the run's
+    training ``source``, as the paper's CIFAR-10 statistics use all 50k train images).
     """
     path = config.eval.reference_stats
     if path:
@@ -98,7 +98,6 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
     cached = os.path.join(workdir, "reference_stats.npz")
     if os.path.exists(cached):
         return fid.load_statistics(cached)
-    source = data.load_source(config.data, seed=config.seed)
     n, batch = len(source), config.eval.batch_size
     logging.info("Computing FID reference statistics of %d training images (once).", n)
     sharding = NamedSharding(mesh, P("data"))

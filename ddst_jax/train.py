@@ -40,6 +40,7 @@ from ddst_jax import balance, checkpoint, control, data, evaluation, reporting
 from ddst_jax import sparsity as sp
 from ddst_jax.gan import registry, steps
 from ddst_jax.gan.methods import MethodSpec, resolve_method
+from ddst_jax.metrics import flops
 
 
 class TrainingDiverged(RuntimeError):
@@ -247,14 +248,14 @@ class _Logger:
         self.last_counts = key
         if not self.writer.enabled:
             return
-        row = {
-            "step": iteration, "iteration": iteration,
-            "g": {n: c / s for n, c, s in zip(self.g_names, key[0], self.g_sizes, strict=True)},
-            "d": {n: c / s for n, c, s in zip(self.d_names, key[1], self.d_sizes, strict=True)},
-            "changed": list(changed), "g_counts": list(key[0]), "d_counts": list(key[1]),
-        }
+        line = flops.density_log_row(
+            iteration,
+            {n: c / s for n, c, s in zip(self.g_names, key[0], self.g_sizes, strict=True)},
+            {n: c / s for n, c, s in zip(self.d_names, key[1], self.d_sizes, strict=True)},
+            changed,
+            extra={"step": iteration, "g_counts": list(key[0]), "d_counts": list(key[1])})
         with open(self.density_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(line + "\n")
 
     def log_initial(self, iteration: int, state: steps.TrainState) -> None:
         g = jax.device_get(steps._leaf_counts(state.g_masks, self.setup))
@@ -363,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             config.eval.inception_weights)
         evaluator = evaluation.Evaluator(
             setup, mesh, features_fn,
-            evaluation.reference_statistics(config, workdir, features_fn, mesh),
+            evaluation.reference_statistics(config, workdir, features_fn, mesh, source),
             num_samples=config.eval.num_samples, batch_size=config.eval.batch_size,
             bn_mode=config.eval.bn_mode, splits=config.eval.splits, seed=config.seed + 2)
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)

@@ -508,8 +508,12 @@ def density_log_row(
     g: Densities,
     d: Densities,
     changed: Sequence[str] = ("g", "d"),
+    extra: Mapping[str, Any] | None = None,
 ) -> str:
     """One line of ``density_log.jsonl`` (no trailing newline); see the module docstring.
+
+    ``extra`` adds fields after the standard ones (the runner adds ``step`` and raw counts);
+    readers ignore them. It may not replace a standard field.
 
     >>> density_log_row(0, {'Dense_0': {'kernel': 0.5}}, {}, changed=['g'])
     '{"iteration": 0, "g": {"Dense_0/kernel": 0.5}, "d": {}, "changed": ["g"]}'
@@ -522,7 +526,10 @@ def density_log_row(
         return {"/".join(p): d for p, d in flatten_densities(dens).items()}
 
     row = {"iteration": int(iteration), "g": joined(g), "d": joined(d), "changed": list(changed)}
-    return json.dumps(row)
+    clash = sorted(set(extra or {}) & set(row))
+    if clash:
+        raise ValueError(f"`extra` may not replace the standard fields {clash}.")
+    return json.dumps({**row, **(extra or {})})
 
 
 def read_density_log(
