@@ -488,3 +488,44 @@ def test_init_masks_accepts_numpy_and_jax_scalar_densities():
     params = {"kernel": jnp.zeros((4, 5))}
     for d in (np.float32(0.25), jnp.asarray(0.25), 0.25):
         assert int(sp.init_masks(jax.random.key(0), params, d)["kernel"].sum()) == 5
+
+
+# ----------------------------------------------------------------------------- counts
+
+
+def test_layer_counts_per_maskable_leaf_in_flatten_order():
+    masks = sp.init_masks(jax.random.key(1), tiny_params(), 0.3)
+    counts = sp.layer_counts(masks)
+    assert counts.dtype == jnp.int32 and counts.shape == (2,)
+    # Flatten order = maskable_leaves order: Conv_0/kernel (22 of 72), Dense_0/kernel (12 of 40).
+    assert [sp.path_str(p) for p, _ in sp.maskable_leaves(masks)] == [
+        "Conv_0/kernel", "Dense_0/kernel"]
+    assert counts.tolist() == [22, 12]
+    assert int(counts.sum()) == int(sp.count_active(masks))
+    # The predicate picks the leaves (positional, as the runner passes setup.is_maskable).
+    assert sp.layer_counts(masks, sp.maskable_except(["Conv_0"])).tolist() == [12]
+    none = sp.layer_counts(masks, lambda p, x: False)
+    assert none.shape == (0,) and none.dtype == jnp.int32
+    # Traceable: the same array from inside jit (one small array, not a pytree of scalars).
+    np.testing.assert_array_equal(jax.jit(sp.layer_counts)(masks), counts)
+
+
+def test_per_leaf_count_and_density_respect_is_maskable():
+    masks = sp.init_masks(jax.random.key(1), tiny_params(), 0.3)
+    # A leaf the predicate calls non-maskable reports its full size / density 1.0, even if
+    # its mask has False entries (here Conv_0/kernel at 22 of 72, and a malformed bias).
+    masks["Conv_0"]["bias"] = jnp.array([True, False, False, True])
+    pred = sp.maskable_except(["Conv_0"])
+    counts = jax.tree_util.tree_map(int, sp.count_active(masks, is_maskable=pred, per_leaf=True))
+    assert counts["Conv_0"] == {"kernel": 72, "bias": 4}
+    assert counts["Dense_0"] == {"kernel": 12}
+    assert counts["Embed_0"] == {"embedding": 40}
+    dens = jax.tree_util.tree_map(float, sp.density(masks, is_maskable=pred, per_leaf=True))
+    assert dens["Conv_0"] == {"kernel": 1.0, "bias": 1.0}
+    assert dens["Dense_0"]["kernel"] == pytest.approx(12 / 40)
+    # Default predicate: per-leaf counts agree with layer_counts and the scalar total.
+    default = sp.count_active(masks, per_leaf=True)
+    assert int(default["Conv_0"]["kernel"]) == 22 and int(default["Conv_0"]["bias"]) == 4
+    assert [int(default[k]["kernel"]) for k in ("Conv_0", "Dense_0")] == \
+        sp.layer_counts(masks).tolist()
+    assert int(sp.count_active(masks, is_maskable=pred)) == 12

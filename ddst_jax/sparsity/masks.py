@@ -249,7 +249,9 @@ def count_active(
 ) -> jax.Array | PyTree:
     """Active entries over the maskable leaves (int32 scalar), or per leaf with ``per_leaf=True``.
 
-    Per leaf, non-maskable leaves report their full size.
+    Per leaf (a pytree like ``masks`` of int32 scalars), maskable leaves report their active
+    count and non-maskable leaves (by ``is_maskable``) their full size, whatever their mask
+    holds. For the maskable leaves' counts as one array, see ``layer_counts``.
 
     >>> import jax, jax.numpy as jnp
     >>> m = {'bias': jnp.ones((2,), bool), 'kernel': jnp.array([[True, False], [True, True]])}
@@ -258,10 +260,31 @@ def count_active(
     """
     pred = _predicate(is_maskable)
     if per_leaf:
-        return jax.tree_util.tree_map(lambda m: jnp.sum(m, dtype=jnp.int32), masks)
+        return jax.tree_util.tree_map_with_path(
+            lambda p, m: jnp.sum(m, dtype=jnp.int32) if pred(p, m)
+            else jnp.asarray(int(np.prod(np.shape(m))), jnp.int32), masks)
     counts = [jnp.sum(m, dtype=jnp.int32) for p, m in jax.tree_util.tree_leaves_with_path(masks)
               if pred(p, m)]
     return sum(counts, jnp.zeros((), jnp.int32))
+
+
+def layer_counts(masks: PyTree, is_maskable: MaskablePredicate | None = None) -> jax.Array:
+    """Active entries of each maskable leaf: int32 ``(num maskable leaves,)``.
+
+    In tree-flatten order, i.e. the order of ``maskable_leaves`` (name the entries with
+    ``path_str``); shape ``(0,)`` when no leaf is maskable. Works under ``jit`` (the shape is
+    static), so per-layer counts can be returned as one small array from a jitted step.
+
+    >>> import jax.numpy as jnp
+    >>> m = {'b': {'kernel': jnp.ones((2, 2), bool)}, 'bias': jnp.ones((3,), bool),
+    ...      'a': {'kernel': jnp.array([[True, False], [False, False]])}}
+    >>> layer_counts(m).tolist()
+    [1, 4]
+    """
+    leaves = maskable_leaves(masks, is_maskable)
+    if not leaves:
+        return jnp.zeros((0,), jnp.int32)
+    return jnp.stack([jnp.sum(m, dtype=jnp.int32) for _, m in leaves])
 
 
 def num_maskable(tree: PyTree, *, is_maskable: MaskablePredicate | None = None) -> int:
@@ -284,7 +307,10 @@ def density(
     0.25
     """
     if per_leaf:
-        return jax.tree_util.tree_map(lambda m: jnp.mean(m, dtype=jnp.float32), masks)
+        pred = _predicate(is_maskable)
+        return jax.tree_util.tree_map_with_path(
+            lambda p, m: jnp.mean(m, dtype=jnp.float32) if pred(p, m)
+            else jnp.ones((), jnp.float32), masks)
     total = num_maskable(masks, is_maskable=is_maskable)
     if total == 0:
         return jnp.ones((), jnp.float32)
