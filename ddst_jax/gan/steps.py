@@ -6,6 +6,12 @@ a = mean D(G_post(z)) and c = mean D(x_r) -> every dT_G iterations G's drop-and-
 dT_D iterations D's density decision -> the sparse EMA of G. Masks are multiplied into the
 parameters inside every forward; the scheduled updates run under ``lax.cond`` so mask changes
 never retrace or recompile.
+
+Under a bfloat16 compute dtype (``config.model.compute_dtype``) only the activations inside G
+and D are bfloat16: the models take float32 noise and images, cast float32 params in each layer
+(so gradients w.r.t. params come back float32) and return float32 images and scores. Everything
+here (masks, optimizer updates, EMA, losses, BR, drop-and-grow scores and the exact integer
+counts) therefore runs on float32 values, unchanged.
 """
 
 from __future__ import annotations
@@ -257,9 +263,13 @@ def _br_forwards(setup: GanSetup, g_params, g_state, g_masks, d_params, d_state,
     """a-scores D(G_post(z)) and c-scores D(x_r), with no state written (SPEC section 2)."""
     d_vars = {"params": _masked(d_params, d_masks, setup), "batch_stats": d_state}
     fake_post = generate(setup, g_params, g_state, g_masks, z, y, train=True)
-    a_scores = d_apply(setup, d_vars, fake_post, y, update_stats=False)
-    c_scores = d_apply(setup, d_vars, x_real, y_real, update_stats=False)
-    return a_scores, c_scores
+    # One D forward over both batches: one spectral-norm power iteration and larger GEMMs. D has
+    # no batch-coupled layers (no BatchNorm), so the scores equal two separate forwards.
+    y_both = None if y is None else jnp.concatenate([y, y_real])
+    scores = d_apply(setup, d_vars, jnp.concatenate([fake_post, x_real]), y_both,
+                     update_stats=False)
+    n_fake = fake_post.shape[0]
+    return scores[:n_fake], scores[n_fake:]
 
 
 def _grow_scores(setup: GanSetup, grads: PyTree, masks: PyTree, key: jax.Array) -> PyTree:
@@ -320,10 +330,7 @@ def _d_density_update(setup: GanSetup, t, ctrl_state, window, d_params, d_masks,
 
 def _leaf_counts(masks: PyTree, setup: GanSetup) -> jax.Array:
     """int32 (num maskable leaves,) active counts in tree-flatten order."""
-    leaves = sp.maskable_leaves(masks, setup.is_maskable)
-    if not leaves:
-        return jnp.zeros((0,), jnp.int32)
-    return jnp.stack([jnp.sum(m, dtype=jnp.int32) for _, m in leaves])
+    return sp.layer_counts(masks, setup.is_maskable)
 
 
 def train_iteration(setup: GanSetup, state: TrainState, real: jax.Array,
