@@ -2,11 +2,14 @@
 
 D step: hinge loss of D on B real + B fake images in one batch (forward + backward).
 G step: G forward on B noise vectors, D forward, G hinge loss, backward to G's params.
-No optimizer update (the reference's Adam step is a small share). Run it right next to the
-PyTorch reference on the same machine and quote ratios:
+No optimizer update (the reference's Adam step is a small share). Each convolution
+implementation (``ddst_jax.gan.conv``: "xla" = ``lax.conv`` and its autodiff, "gemm" = GEMM
+gradients) is compiled once and the timed calls are interleaved round by round, so the ratio
+between them is measured under the same machine load. Run it right next to the PyTorch reference
+on the same machine and quote ratios:
 
-    python -m benchmarks.gan_steps --batch=64 --reps=3
-    python ../shared/reference/sngan_torch.py --bs 64 --gbs 64 --threads 2 --reps 3 --modes dense
+    python -m benchmarks.gan_steps --batch=64 --reps=5
+    python ../shared/reference/sngan_torch.py --bs 64 --gbs 64 --threads 2 --reps 5 --modes dense
 """
 
 from __future__ import annotations
@@ -18,32 +21,32 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from ddst_jax.gan import losses
+from ddst_jax.gan import conv, losses
 from ddst_jax.gan.models import build_models
 
 _BATCH = flags.DEFINE_integer("batch", 64, "B: real and fake images of the D step; G batch.")
-_REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions (median reported).")
+_REPS = flags.DEFINE_integer("reps", 5, "Timed rounds (median reported).")
+_IMPLS = flags.DEFINE_list("impls", ["xla", "gemm"], "Convolution implementations to compare.")
+_G_CH = flags.DEFINE_integer("g_ch", 256, "G width.")
+_D_CH = flags.DEFINE_integer("d_ch", 128, "D width.")
 
 
-def main(argv):
-    del argv
-    b = _BATCH.value
-    G, D = build_models("sngan32")
+def make_steps(batch: int, g_ch: int, d_ch: int):
+    """(D step, G step) functions and their arguments; trace them inside ``conv.auto_impl``."""
+    G, D = build_models("sngan32", g_ch=g_ch, d_ch=d_ch)
     g_vars = G.init(jax.random.key(0), jnp.zeros((1, 128)), train=False)
     d_vars = D.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
-    z = jax.random.normal(jax.random.key(2), (b, 128))
-    x = jax.random.uniform(jax.random.key(3), (2 * b, 32, 32, 3), minval=-1.0, maxval=1.0)
+    z = jax.random.normal(jax.random.key(2), (batch, 128))
+    x = jax.random.uniform(jax.random.key(3), (2 * batch, 32, 32, 3), minval=-1.0, maxval=1.0)
 
-    @jax.jit
     def d_step(d_params):
         def loss(p):
             scores, _ = D.apply({"params": p, "batch_stats": d_vars["batch_stats"]}, x,
                                 mutable=["batch_stats"])
-            return losses.d_hinge_loss(scores[:b], scores[b:])
+            return losses.d_hinge_loss(scores[:batch], scores[batch:])
 
         return jax.value_and_grad(loss)(d_params)
 
-    @jax.jit
     def g_step(g_params):
         def loss(p):
             fake, _ = G.apply({"params": p, "batch_stats": g_vars["batch_stats"]}, z,
@@ -52,20 +55,37 @@ def main(argv):
 
         return jax.value_and_grad(loss)(g_params)
 
-    print(f"backend={jax.default_backend()} batch={b} reps={_REPS.value}")
-    for name, fn, arg in (("D step", d_step, d_vars["params"]), ("G step", g_step,
-                                                                  g_vars["params"])):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(arg))
-        first = time.perf_counter() - t0
-        times = []
-        for _ in range(_REPS.value):
+    return {"D step": (d_step, d_vars["params"]), "G step": (g_step, g_vars["params"])}
+
+
+def main(argv):
+    del argv
+    steps = make_steps(_BATCH.value, _G_CH.value, _D_CH.value)
+    compiled, compile_s = {}, {}
+    for impl in _IMPLS.value:
+        for name, (fn, arg) in steps.items():
+            with conv.auto_impl(impl):
+                t0 = time.perf_counter()
+                # A fresh function per implementation: jit caches traces by function identity.
+                compiled[name, impl] = jax.jit(lambda a, f=fn: f(a)).lower(arg).compile()
+                compile_s[name, impl] = time.perf_counter() - t0
+            jax.block_until_ready(compiled[name, impl](arg))  # warm-up
+    times = {k: [] for k in compiled}
+    for _ in range(_REPS.value):  # interleaved: every variant sees the same load
+        for (name, impl), fn in compiled.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(arg))
-            times.append(time.perf_counter() - t0)
-        print(f"{name}: median {statistics.median(times) * 1e3:.0f} ms  "
-              f"(all {[round(t * 1e3) for t in times]}, first incl. compile {first:.1f} s)",
-              flush=True)
+            jax.block_until_ready(fn(steps[name][1]))
+            times[name, impl].append(time.perf_counter() - t0)
+    print(f"backend={jax.default_backend()} batch={_BATCH.value} G ch {_G_CH.value} / D ch "
+          f"{_D_CH.value}, medians of {_REPS.value} interleaved rounds")
+    first = _IMPLS.value[0]
+    print(f"{'step':<8} {'conv impl':<10} {'median ms':>10} {'vs ' + first:>9} "
+          f"{'compile s':>10}  all ms")
+    for (name, impl), ts in times.items():
+        med = statistics.median(ts)
+        ratio = med / statistics.median(times[name, first])
+        print(f"{name:<8} {impl:<10} {med * 1e3:>10.0f} {ratio:>9.2f} "
+              f"{compile_s[name, impl]:>10.1f}  {[round(t * 1e3) for t in ts]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ G's masks / decides D's density, and the ratio to the dense iteration measured i
     python -m benchmarks.train_throughput                      # full size, all methods
     python -m benchmarks.train_throughput --methods=dense,adapt --reps=5
     python -m benchmarks.train_throughput --g_ch=32 --d_ch=32  # quick look
+    python -m benchmarks.train_throughput --compute_dtype=bfloat16  # bf16 activations
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ _D_CH = flags.DEFINE_integer("d_ch", 128, "D width.")
 _BATCH_G = flags.DEFINE_integer("batch_g", 128, "G batch.")
 _BATCH_D = flags.DEFINE_integer("batch_d", 64, "D batch.")
 _DEVICES = flags.DEFINE_integer("num_devices", 1, "Devices of the data mesh.")
+_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                          "Models' computation dtype (config.model.compute_dtype).")
 
 
 def _config(method: str):
@@ -38,6 +41,7 @@ def _config(method: str):
     c.sparsity.method = method
     c.data.source = "synthetic"
     c.parallel.num_devices = _DEVICES.value
+    c.model.compute_dtype = _DTYPE.value
     return c
 
 
@@ -83,7 +87,7 @@ def main(argv):
     del argv
     print(f"backend={jax.default_backend()} devices={jax.device_count()} "
           f"G ch {_G_CH.value} / D ch {_D_CH.value}, batch G {_BATCH_G.value} / "
-          f"D {_BATCH_D.value}, n_dis 5, medians of {_REPS.value}")
+          f"D {_BATCH_D.value}, n_dis 5, {_DTYPE.value} compute, medians of {_REPS.value}")
     print(f"{'method':<8} {'compile s':>10} {'iter s':>9} {'it/s':>7} {'vs first':>9} "
           f"{'+BR s':>8} {'+mask upd s':>12}", flush=True)
     base = None

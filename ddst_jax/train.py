@@ -83,6 +83,9 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         size = registry.image_size(config.model.name)
     except ValueError as e:
         raise ValueError(f"config.model.name: {e}") from None
+    dtype = config.model.get("compute_dtype", "float32")
+    _require(dtype in registry.COMPUTE_DTYPES, "model.compute_dtype",
+             f"use one of {', '.join(map(repr, registry.COMPUTE_DTYPES))}, got {dtype!r}.")
     _require(config.data.image_size == size, "data.image_size",
              f"is {config.data.image_size} but model {config.model.name!r} works on {size}x{size} "
              f"images; set --config.data.image_size={size}.")
@@ -131,7 +134,8 @@ def _adam(lr: float, config: ml_collections.ConfigDict) -> optax.GradientTransfo
 def build_setup(config: ml_collections.ConfigDict, spec: MethodSpec) -> steps.GanSetup:
     """Models, optimizers, schedules and the D-density controller of a run."""
     pair = registry.build(config.model.name, z_dim=config.model.z_dim, g_ch=config.model.g_ch,
-                          d_ch=config.model.d_ch, num_classes=config.model.get("num_classes"))
+                          d_ch=config.model.d_ch, num_classes=config.model.get("num_classes"),
+                          compute_dtype=config.model.get("compute_dtype", "float32"))
     G, D, size = pair.generator, pair.discriminator, pair.image_size
     t, s, b = config.train, config.sparsity, config.balance
     setup = steps.GanSetup(
@@ -258,8 +262,8 @@ class _Logger:
             f.write(line + "\n")
 
     def log_initial(self, iteration: int, state: steps.TrainState) -> None:
-        g = jax.device_get(steps._leaf_counts(state.g_masks, self.setup))
-        d = jax.device_get(steps._leaf_counts(state.d_masks, self.setup))
+        g = jax.device_get(sp.layer_counts(state.g_masks, self.setup.is_maskable))
+        d = jax.device_get(sp.layer_counts(state.d_masks, self.setup.is_maskable))
         self._density_row(iteration, g, d)
         self.tick_step = iteration
 
@@ -441,7 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                    metadata(iteration, end))
                 if end or iteration % t.checkpoint_every == 0:
                     ckpt.save(iteration, state, metadata(iteration, end))
-                if _stop_requested(stop):
+                if _stop_requested(stop, iteration, t.log_every):
                     logger.flush()
                     ckpt.save(iteration, state, metadata(iteration, False), force=True)
                     stopped = True
@@ -472,9 +476,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return summary
 
 
-def _stop_requested(stop: checkpoint.StopFlag) -> bool:
-    # Every process must stop at the same iteration; the collective is only needed multi-host.
-    return stop.requested_anywhere() if jax.process_count() > 1 else stop.requested
+def _stop_requested(stop: checkpoint.StopFlag, iteration: int, every: int) -> bool:
+    """Whether to stop now. Multi-host, every process must stop at the same iteration, which
+    takes a collective (a host round trip that waits for the queued steps), so processes agree
+    only every ``every`` iterations; a single process checks its flag every iteration."""
+    if jax.process_count() == 1:
+        return stop.requested
+    return iteration % every == 0 and stop.requested_anywhere()
 
 
 def _config_hash(config: ml_collections.ConfigDict) -> str:

@@ -32,7 +32,7 @@ def field_docs(config_path: str) -> list[str]:
     lines = []
     with open(config_path, encoding="utf-8") as f:
         source = f.read().splitlines()
-    pending = ""  # a comment on its own line documents the field below it
+    pending = ""  # comment lines on their own document the field below them
     for line in source:
         if "def _" in line:  # presets below the main config: not defaults
             break
@@ -47,7 +47,7 @@ def field_docs(config_path: str) -> list[str]:
             doc = m.group(3) if len(m.groups()) == 3 else pending
             lines.append(f"  --config.{m.group(1)}={m.group(2)}\n      {doc}")
         comment = re.match(r"^\s*#\s*(.+)$", line)
-        pending = comment.group(1) if comment else ""
+        pending = f"{pending} {comment.group(1)}".strip() if comment else ""
     return lines
 
 

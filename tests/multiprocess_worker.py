@@ -31,7 +31,10 @@ def main(process_id: int, port: int, workdir: str, stop_after: int) -> None:
     config.parallel.num_processes = 2
     config.parallel.process_id = process_id
     if stop_after:
-        checkpoint.install_stop_handler = lambda *a, **k: _StopAfter(stop_after)
+        # Multi-host processes agree on a stop only every log_every iterations (one collective
+        # per log step, not per iteration), so the flag is consulted at those iterations only.
+        checks = stop_after // config.train.log_every
+        checkpoint.install_stop_handler = lambda *a, **k: _StopAfter(checks)
     summary = train.train_and_evaluate(config, workdir)
     print(f"process {process_id}: iteration {summary['iteration']} devices "
           f"{summary['devices']} processes {summary['processes']}", flush=True)

@@ -26,6 +26,11 @@ Conventions (as ``ddst_jax.gan.models``):
     of every SN kernel and embedding (G and D). Spectral norm is on every conv and dense of both
     networks and on D's projection embedding, as in BigGAN.
 
+Mixed precision (as ``ddst_jax.gan.models``): ``dtype`` is the computation dtype of every conv,
+dense, embedding and BatchNorm layer; params, BN running statistics and spectral-norm
+``u``/``sigma`` stay float32. Attention logits and softmax, D's global pooling, classifier and
+projection run in float32; G's images and D's scores are float32.
+
 Maskable (SPEC section 1; ``ddst_jax.sparsity.default_is_maskable`` selects this): every conv
 and dense ``kernel`` except D's unconditional head ``classifier`` and the conditional-BN gain and
 offset maps (modules ``gain_embed`` / ``bias_embed``). The authors' masking code drops every
@@ -54,9 +59,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.typing import Dtype
 
+from ddst_jax.gan import conv
 from ddst_jax.gan.layers import SpectralNorm
-from ddst_jax.gan.models import avg_pool2, upsample_nearest
+from ddst_jax.gan.models import avg_pool2, compute_dtype_of, upsample_nearest
 from ddst_jax.sparsity.masks import default_is_maskable, key_name
 
 InitScheme = Literal["ortho", "n02"]
@@ -97,16 +104,23 @@ def _sn(layer: nn.Module, x: jax.Array, update_stats: bool, epsilon: float) -> j
 
     ``u``/``sigma`` live in ``batch_stats`` under a wrapper named ``<layer name>_sn``; the raw
     weights stay in ``params`` under the layer's own name. With ``update_stats=False`` the same
-    power iteration runs (same output) and nothing is written.
+    power iteration runs (same output) and nothing is written. The power iteration runs in
+    float32 whatever ``layer.dtype`` is (see ``layers.SpectralNorm``).
     """
     wrapper = SpectralNorm(layer, epsilon=epsilon, name=f"{layer.name}_sn")
     return wrapper(x, update_stats=update_stats)
 
 
-def _conv(features: int, size: int, scheme: InitScheme, *, name: str, bias: bool = True) -> nn.Conv:
-    """A size x size, stride-1, SAME-padded convolution (PyTorch padding size // 2)."""
+def _conv(features: int, size: int, scheme: InitScheme, *, name: str, bias: bool = True,
+          dtype: Dtype = jnp.float32) -> nn.Conv:
+    """A size x size, stride-1, SAME-padded convolution (PyTorch padding size // 2).
+
+    ``conv.conv_general_dilated`` computes the same convolution with GEMM gradients on CPU.
+    ``dtype`` is the computation dtype; the kernel and bias are stored float32.
+    """
     return nn.Conv(
-        features, (size, size), use_bias=bias, kernel_init=weight_init(scheme), name=name
+        features, (size, size), use_bias=bias, kernel_init=weight_init(scheme), name=name,
+        conv_general_dilated=conv.conv_general_dilated, dtype=dtype,
     )
 
 
@@ -158,6 +172,7 @@ class ConditionalBatchNorm(nn.Module):
     init_scheme: InitScheme = "ortho"
     bn_epsilon: float = 1e-5
     sn_epsilon: float = 1e-12
+    dtype: Dtype = jnp.float32  # computation dtype (params stay float32)
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
@@ -169,14 +184,17 @@ class ConditionalBatchNorm(nn.Module):
             use_scale=False,
             use_bias=False,
             name="bn",
+            dtype=self.dtype,
         )(x)
         init = weight_init(self.init_scheme)
         if self.num_classes is None:
-            dense = functools.partial(nn.Dense, features, use_bias=False, kernel_init=init)
+            dense = functools.partial(nn.Dense, features, use_bias=False, kernel_init=init,
+                                      dtype=self.dtype)
             gain = _sn(dense(name="gain_embed"), cond, train, self.sn_epsilon)
             bias = _sn(dense(name="bias_embed"), cond, train, self.sn_epsilon)
         else:
-            embed = functools.partial(nn.Embed, self.num_classes, features, embedding_init=init)
+            embed = functools.partial(nn.Embed, self.num_classes, features, embedding_init=init,
+                                      dtype=self.dtype)
             gain, bias = embed(name="gain_embed")(cond), embed(name="bias_embed")(cond)
         return h * (1.0 + gain[:, None, None, :]) + bias[:, None, None, :]
 
@@ -191,20 +209,26 @@ class SelfAttention(nn.Module):
 
     init_scheme: InitScheme = "ortho"
     sn_epsilon: float = 1e-12
+    dtype: Dtype = jnp.float32  # computation dtype (params stay float32)
 
     @nn.compact
     def __call__(self, x: jax.Array, update_stats: bool) -> jax.Array:
         b, h, w, c = x.shape
-        conv = functools.partial(_conv, size=1, scheme=self.init_scheme, bias=False)
+        conv = functools.partial(_conv, size=1, scheme=self.init_scheme, bias=False,
+                                 dtype=self.dtype)
         sn = functools.partial(_sn, update_stats=update_stats, epsilon=self.sn_epsilon)
         query = sn(conv(c // 8, name="query"), x).reshape(b, h * w, c // 8)
         key = max_pool2(sn(conv(c // 8, name="key"), x)).reshape(b, h * w // 4, c // 8)
         value = max_pool2(sn(conv(c // 2, name="value"), x)).reshape(b, h * w // 4, c // 2)
-        attn = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", query, key), axis=-1)
+        # Logits and softmax in float32 (no-ops under float32): the exp of bfloat16 logits
+        # loses most of their precision.
+        logits = jnp.einsum("bqc,bkc->bqk", query, key, preferred_element_type=jnp.float32)
+        attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bqk,bkc->bqc", attn, value).reshape(b, h, w, c // 2)
         out = sn(conv(c, name="out"), out)
         gamma = self.param("gamma", nn.initializers.zeros_init(), (), jnp.float32)
-        return x + gamma * out
+        # gamma is a float32 param; cast it so that it does not promote the activations.
+        return x + gamma.astype(self.dtype) * out
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,6 +249,7 @@ class GBlock(nn.Module):
     init_scheme: InitScheme = "ortho"
     bn_epsilon: float = 1e-5
     sn_epsilon: float = 1e-12
+    dtype: Dtype = jnp.float32  # computation dtype (params stay float32)
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
@@ -234,8 +259,9 @@ class GBlock(nn.Module):
             init_scheme=self.init_scheme,
             bn_epsilon=self.bn_epsilon,
             sn_epsilon=self.sn_epsilon,
+            dtype=self.dtype,
         )
-        conv = functools.partial(_conv, self.features, scheme=self.init_scheme)
+        conv = functools.partial(_conv, self.features, scheme=self.init_scheme, dtype=self.dtype)
         sn = functools.partial(_sn, update_stats=train, epsilon=self.sn_epsilon)
         h = upsample_nearest(nn.relu(cbn(name="bn1")(x, cond, train)))
         h = sn(conv(3, name="conv1"), h)
@@ -263,6 +289,7 @@ class Generator(nn.Module):
       init_scheme: see ``weight_init``.
       bn_epsilon: BatchNorm epsilon (PyTorch default 1e-5; StudioGAN 1e-4).
       sn_epsilon: spectral-norm epsilon (PyTorch default 1e-12; StudioGAN 1e-6).
+      dtype: computation dtype (float32 or bfloat16); params, statistics and images float32.
     """
 
     channels: Sequence[int]
@@ -274,6 +301,7 @@ class Generator(nn.Module):
     init_scheme: InitScheme = "ortho"
     bn_epsilon: float = 1e-5
     sn_epsilon: float = 1e-12
+    dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
         _check_common("Generator", self.channels, self.num_classes, self.init_scheme)
@@ -308,7 +336,7 @@ class Generator(nn.Module):
             ``mutable=["batch_stats"]``). False: running statistics, nothing written.
 
         Returns:
-          (B, S, S, 3) images in [-1, 1].
+          (B, S, S, 3) float32 images in [-1, 1].
         """
         if z.ndim != 2 or z.shape[-1] != self.z_dim:
             raise ValueError(
@@ -322,7 +350,8 @@ class Generator(nn.Module):
         if self.shared_dim:
             z_in, *z_chunks = jnp.split(z, self.num_blocks + 1, axis=-1)
             shared = nn.Embed(
-                self.num_classes, self.shared_dim, embedding_init=init, name="embed_shared"
+                self.num_classes, self.shared_dim, embedding_init=init, name="embed_shared",
+                dtype=self.dtype,
             )(y)
             conds = [jnp.concatenate([shared, chunk], axis=-1) for chunk in z_chunks]
             cbn_classes = None
@@ -330,7 +359,8 @@ class Generator(nn.Module):
             z_in, conds, cbn_classes = z, [y] * self.num_blocks, self.num_classes
 
         width, c0 = self.bottom_width, self.channels[0]
-        h = sn(nn.Dense(width * width * c0, kernel_init=init, name="dense"), z_in)
+        h = sn(nn.Dense(width * width * c0, kernel_init=init, name="dense", dtype=self.dtype),
+               z_in)
         h = h.reshape(batch, width, width, c0)
         for i, (features, cond) in enumerate(zip(self.channels[1:], conds, strict=True), 1):
             h = GBlock(
@@ -339,18 +369,22 @@ class Generator(nn.Module):
                 init_scheme=self.init_scheme,
                 bn_epsilon=self.bn_epsilon,
                 sn_epsilon=self.sn_epsilon,
+                dtype=self.dtype,
                 name=f"block{i}",
             )(h, cond, train)
             if i == self.attention_after:
-                h = SelfAttention(self.init_scheme, self.sn_epsilon, name="attention")(h, train)
+                h = SelfAttention(self.init_scheme, self.sn_epsilon, dtype=self.dtype,
+                                  name="attention")(h, train)
         h = nn.BatchNorm(
             use_running_average=not train,
             momentum=_BN_MOMENTUM,
             epsilon=self.bn_epsilon,
             name="bn_out",
+            dtype=self.dtype,
         )(h)
-        h = sn(_conv(3, 3, self.init_scheme, name="conv_out"), nn.relu(h))
-        return jnp.tanh(h)
+        h = sn(_conv(3, 3, self.init_scheme, name="conv_out", dtype=self.dtype), nn.relu(h))
+        # float32 out (a no-op under float32): losses, BR and FID never see bfloat16 pixels.
+        return jnp.tanh(h.astype(jnp.float32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,10 +405,11 @@ class DBlock(nn.Module):
     optimized: bool = False
     init_scheme: InitScheme = "ortho"
     sn_epsilon: float = 1e-12
+    dtype: Dtype = jnp.float32  # computation dtype (params stay float32)
 
     @nn.compact
     def __call__(self, x: jax.Array, update_stats: bool) -> jax.Array:
-        conv = functools.partial(_conv, self.features, scheme=self.init_scheme)
+        conv = functools.partial(_conv, self.features, scheme=self.init_scheme, dtype=self.dtype)
         sn = functools.partial(_sn, update_stats=update_stats, epsilon=self.sn_epsilon)
         h = sn(conv(3, name="conv1"), x if self.optimized else nn.relu(x))
         h = sn(conv(3, name="conv2"), nn.relu(h))
@@ -405,6 +440,8 @@ class Discriminator(nn.Module):
       attention_after: 1-based index of the block followed by self-attention; None for none.
       init_scheme: see ``weight_init``.
       sn_epsilon: spectral-norm epsilon.
+      dtype: computation dtype of the blocks (float32 or bfloat16); the pooling, classifier
+        and projection run in float32 (negligible cost) and scores are float32.
     """
 
     channels: Sequence[int]
@@ -413,6 +450,7 @@ class Discriminator(nn.Module):
     attention_after: int | None = None
     init_scheme: InitScheme = "ortho"
     sn_epsilon: float = 1e-12
+    dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
         _check_common("Discriminator", self.channels, self.num_classes, self.init_scheme)
@@ -437,7 +475,7 @@ class Discriminator(nn.Module):
             computation and output, nothing written (side-effect free, e.g. for the BR forwards).
 
         Returns:
-          (B,) raw scores.
+          (B,) float32 raw scores.
         """
         if x.ndim != 4:
             raise ValueError(
@@ -455,15 +493,18 @@ class Discriminator(nn.Module):
                 optimized=i == 1,
                 init_scheme=self.init_scheme,
                 sn_epsilon=self.sn_epsilon,
+                dtype=self.dtype,
                 name=f"block{i}",
             )(h, update_stats)
             if i == self.attention_after:
-                h = SelfAttention(self.init_scheme, self.sn_epsilon, name="attention")(
-                    h, update_stats
-                )
-        h = jnp.sum(nn.relu(h), axis=(1, 2))
-        score = sn(nn.Dense(1, kernel_init=init, name="classifier"), h)[:, 0]
-        embed = nn.Embed(self.num_classes, h.shape[-1], embedding_init=init, name="embed_y")
+                h = SelfAttention(self.init_scheme, self.sn_epsilon, dtype=self.dtype,
+                                  name="attention")(h, update_stats)
+        # Pool and score in float32 (no-ops under float32): a bfloat16 sum over H*W positions
+        # and bfloat16-rounded scores would feed their rounding straight into losses and BR.
+        h = jnp.sum(nn.relu(h).astype(jnp.float32), axis=(1, 2))
+        score = sn(nn.Dense(1, kernel_init=init, name="classifier", dtype=jnp.float32), h)[:, 0]
+        embed = nn.Embed(self.num_classes, h.shape[-1], embedding_init=init, name="embed_y",
+                         dtype=jnp.float32)
         return score + jnp.sum(sn(embed, y) * h, axis=-1)
 
 
@@ -586,6 +627,7 @@ def build_biggan(
     d_ch: int | None = None,
     z_dim: int | None = None,
     init_scheme: InitScheme = "ortho",
+    compute_dtype: Dtype = jnp.float32,
 ) -> tuple[Generator, Discriminator]:
     """Builds the generator and discriminator of a named BigGAN benchmark architecture.
 
@@ -598,6 +640,8 @@ def build_biggan(
         first block, 16 * d_ch at the last, default 80, at least 8). None: full size.
       z_dim: noise dimension (default 128 / 100; ``biggan64``: a multiple of 5).
       init_scheme: kernel and embedding init of both networks, see ``weight_init``.
+      compute_dtype: computation dtype of both networks (``jnp.float32`` or ``jnp.bfloat16``,
+        or their names); params and statistics stay float32, see the module docstring.
 
     Returns:
       ``(generator, discriminator)`` Flax modules (unbound; call ``init``/``apply``).
@@ -607,6 +651,7 @@ def build_biggan(
     g_ch = _positive("g_ch", name, g_ch, arch.g_ch, arch.g_min)
     d_ch = _positive("d_ch", name, d_ch, arch.d_ch, arch.d_min)
     z_dim = _positive("z_dim", name, z_dim, arch.z_dim, 1)
+    dtype = compute_dtype_of(compute_dtype)
     generator = Generator(
         channels=arch.g_channels(g_ch),
         num_classes=num_classes,
@@ -616,6 +661,7 @@ def build_biggan(
         init_scheme=init_scheme,
         bn_epsilon=arch.bn_epsilon,
         sn_epsilon=arch.sn_epsilon,
+        dtype=dtype,
     )
     discriminator = Discriminator(
         channels=arch.d_channels(d_ch),
@@ -624,5 +670,6 @@ def build_biggan(
         attention_after=arch.d_attention,
         init_scheme=init_scheme,
         sn_epsilon=arch.sn_epsilon,
+        dtype=dtype,
     )
     return generator, discriminator

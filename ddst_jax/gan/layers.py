@@ -18,6 +18,11 @@ class SpectralNorm(nn.SpectralNorm):
     kernels would start 5-15x larger; orthogonal ones are unaffected, their sigma is 1). Here the
     output side returns the variables that went in. Same state (``u``, ``sigma`` in
     ``batch_stats``) and same outputs as ``nn.SpectralNorm``.
+
+    Mixed precision: the power iteration reads the stored float32 weights and ``u``
+    (``param_dtype``), so ``u``, ``sigma`` and W / sigma are float32 whatever the wrapped layer's
+    ``dtype`` is; the layer casts W / sigma to its own computation dtype. Leave this wrapper's
+    ``dtype`` at None (inferred: float32), so that sigma is never computed from rounded weights.
     """
 
     @nn.compact

@@ -14,6 +14,13 @@ Variables:
 
 Masks are applied to ``params`` before ``apply``; spectral norm then normalises the masked kernel.
 
+Mixed precision: ``dtype`` (default float32) is the computation dtype of every convolution,
+dense and BatchNorm layer and so of the activations between them; parameters, BatchNorm running
+statistics and the spectral-norm ``u``/``sigma`` stay float32 whatever ``dtype`` is (Flax casts
+the float32 params to ``dtype`` inside each layer, so their gradients come back float32). Images
+out of G and scores out of D are float32, and D's global pooling and head run in float32, so
+losses and the balance ratio never see bfloat16 rounding beyond the activations'.
+
 Typical use::
 
     G, D = build_models("sngan32")
@@ -35,7 +42,9 @@ from typing import Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype
 
+from ddst_jax.gan import conv
 from ddst_jax.gan.layers import SpectralNorm
 
 InitScheme = Literal["xavier", "kaiming"]
@@ -46,6 +55,23 @@ _POOL_MODES = ("sum", "mean")
 # PyTorch BatchNorm2d defaults (momentum 0.1 on the new batch statistic, eps 1e-5).
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
+#: Names of the computation dtypes the models support (``config.model.compute_dtype``).
+COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+
+
+def compute_dtype_of(dtype: str | Dtype) -> type:
+    """``jnp.float32`` or ``jnp.bfloat16`` from a name in ``COMPUTE_DTYPES`` or a dtype.
+
+    Other dtypes are refused: float16 would need loss scaling, float64 is not a speed option.
+    """
+    try:
+        name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"Unknown compute dtype {dtype!r}; use one of {COMPUTE_DTYPES}.")
+    return getattr(jnp, name)
+
 
 
 def kernel_init(scheme: InitScheme, *, residual: bool) -> jax.nn.initializers.Initializer:
@@ -79,10 +105,16 @@ def avg_pool2(x: jax.Array) -> jax.Array:
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
-def _conv(features: int, size: int, scheme: InitScheme, *, residual: bool, name: str) -> nn.Conv:
-    """A size x size, stride-1, SAME-padded convolution with bias and the scheme's kernel init."""
+def _conv(features: int, size: int, scheme: InitScheme, *, residual: bool, name: str,
+          dtype: Dtype = jnp.float32) -> nn.Conv:
+    """A size x size, stride-1, SAME-padded convolution with bias and the scheme's kernel init.
+
+    ``conv.conv_general_dilated`` computes the same convolution with GEMM gradients on CPU.
+    ``dtype`` is the computation dtype; the kernel and bias are stored float32.
+    """
     return nn.Conv(
-        features, (size, size), kernel_init=kernel_init(scheme, residual=residual), name=name
+        features, (size, size), kernel_init=kernel_init(scheme, residual=residual), name=name,
+        conv_general_dilated=conv.conv_general_dilated, dtype=dtype,
     )
 
 
@@ -91,7 +123,9 @@ def _spectral_norm(layer: nn.Module, x: jax.Array, update_stats: bool) -> jax.Ar
 
     The kernel is read as a (-1, out) matrix; ``u`` and ``sigma`` live in ``batch_stats`` under a
     wrapper named ``<layer name>_sn``. With ``update_stats=False`` the same power iteration runs
-    (same output) but nothing is written, so the call needs no mutable collection.
+    (same output) but nothing is written, so the call needs no mutable collection. The power
+    iteration runs in float32 on the float32 kernel whatever ``layer.dtype`` is (see
+    ``layers.SpectralNorm``); the layer then casts the normalised kernel to its own dtype.
     """
     return SpectralNorm(layer, name=f"{layer.name}_sn")(x, update_stats=update_stats)
 
@@ -122,6 +156,7 @@ class GBlock(nn.Module):
 
     features: int
     init_scheme: InitScheme = "xavier"
+    dtype: Dtype = jnp.float32  # computation dtype (params stay float32)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -130,8 +165,9 @@ class GBlock(nn.Module):
             use_running_average=not train,
             momentum=_BN_MOMENTUM,
             epsilon=_BN_EPSILON,
+            dtype=self.dtype,
         )
-        conv = functools.partial(_conv, self.features, scheme=self.init_scheme)
+        conv = functools.partial(_conv, self.features, scheme=self.init_scheme, dtype=self.dtype)
         h = upsample_nearest(nn.relu(bn(name="bn1")(x)))
         h = conv(3, residual=True, name="conv1")(h)
         h = nn.relu(bn(name="bn2")(h))
@@ -151,12 +187,15 @@ class Generator(nn.Module):
       bottom_width: spatial size after the input dense layer.
       z_dim: noise dimension (checked against the input).
       init_scheme: kernel init scheme, see ``kernel_init``.
+      dtype: computation dtype of the layers (float32 or bfloat16); params, BN statistics and
+        the output images are float32.
     """
 
     channels: Sequence[int]
     bottom_width: int = 4
     z_dim: int = 128
     init_scheme: InitScheme = "xavier"
+    dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
         _check_channels("Generator.channels", self.channels, min_len=1)
@@ -178,7 +217,7 @@ class Generator(nn.Module):
             with ``mutable=["batch_stats"]``) when True; uses the running ones when False.
 
         Returns:
-          (B, S, S, 3) images in [-1, 1].
+          (B, S, S, 3) float32 images in [-1, 1].
         """
         if z.ndim != 2 or z.shape[-1] != self.z_dim:
             raise ValueError(
@@ -190,18 +229,23 @@ class Generator(nn.Module):
             width * width * c0,
             kernel_init=kernel_init(self.init_scheme, residual=False),
             name="dense",
+            dtype=self.dtype,
         )(z)
         h = h.reshape(z.shape[0], width, width, c0)
         for i, features in enumerate(self.channels[1:], start=1):
-            h = GBlock(features, init_scheme=self.init_scheme, name=f"block{i}")(h, train)
+            h = GBlock(features, init_scheme=self.init_scheme, dtype=self.dtype,
+                       name=f"block{i}")(h, train)
         h = nn.BatchNorm(
             use_running_average=not train,
             momentum=_BN_MOMENTUM,
             epsilon=_BN_EPSILON,
             name="bn_out",
+            dtype=self.dtype,
         )(h)
-        h = _conv(3, 3, self.init_scheme, residual=False, name="conv_out")(nn.relu(h))
-        return jnp.tanh(h)
+        h = _conv(3, 3, self.init_scheme, residual=False, name="conv_out",
+                  dtype=self.dtype)(nn.relu(h))
+        # float32 out (a no-op under float32): losses, BR and FID never see bfloat16 pixels.
+        return jnp.tanh(h.astype(jnp.float32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,10 +262,11 @@ class OptimizedDBlock(nn.Module):
 
     features: int
     init_scheme: InitScheme = "xavier"
+    dtype: Dtype = jnp.float32  # computation dtype (params stay float32)
 
     @nn.compact
     def __call__(self, x: jax.Array, update_stats: bool) -> jax.Array:
-        conv = functools.partial(_conv, self.features, scheme=self.init_scheme)
+        conv = functools.partial(_conv, self.features, scheme=self.init_scheme, dtype=self.dtype)
         h = _spectral_norm(conv(3, residual=True, name="conv1"), x, update_stats)
         h = _spectral_norm(conv(3, residual=True, name="conv2"), nn.relu(h), update_stats)
         shortcut = _spectral_norm(
@@ -240,10 +285,11 @@ class DBlock(nn.Module):
     features: int
     downsample: bool
     init_scheme: InitScheme = "xavier"
+    dtype: Dtype = jnp.float32  # computation dtype (params stay float32)
 
     @nn.compact
     def __call__(self, x: jax.Array, update_stats: bool) -> jax.Array:
-        conv = functools.partial(_conv, self.features, scheme=self.init_scheme)
+        conv = functools.partial(_conv, self.features, scheme=self.init_scheme, dtype=self.dtype)
         h = _spectral_norm(conv(3, residual=True, name="conv1"), nn.relu(x), update_stats)
         h = _spectral_norm(conv(3, residual=True, name="conv2"), nn.relu(h), update_stats)
         shortcut = x
@@ -267,6 +313,8 @@ class Discriminator(nn.Module):
       pool: ``"sum"`` (SNGAN) or ``"mean"`` (what the authors' public code does) over H, W.
       head_bias: whether the final dense layer has a bias.
       init_scheme: kernel init scheme, see ``kernel_init``.
+      dtype: computation dtype of the blocks (float32 or bfloat16); the pooling and the head
+        run in float32 (a (B, C) x (C, 1) product, negligible cost) and scores are float32.
     """
 
     channels: Sequence[int]
@@ -274,6 +322,7 @@ class Discriminator(nn.Module):
     pool: PoolMode = "sum"
     head_bias: bool = False
     init_scheme: InitScheme = "xavier"
+    dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
         _check_channels("Discriminator.channels", self.channels, min_len=1)
@@ -299,7 +348,7 @@ class Discriminator(nn.Module):
             output, nothing written (side-effect free, e.g. for the balance-ratio forwards).
 
         Returns:
-          (B,) raw scores.
+          (B,) float32 raw scores.
         """
         if x.ndim != 4:
             raise ValueError(
@@ -307,19 +356,24 @@ class Discriminator(nn.Module):
                 f"{x.shape}; add the missing axes (a single image needs a batch axis of 1)."
             )
         scheme = self.init_scheme
-        h = OptimizedDBlock(self.channels[0], init_scheme=scheme, name="block1")(x, update_stats)
+        h = OptimizedDBlock(self.channels[0], init_scheme=scheme, dtype=self.dtype,
+                            name="block1")(x, update_stats)
         for i in range(1, len(self.channels)):
             block = DBlock(
-                self.channels[i], self.downsample[i], init_scheme=scheme, name=f"block{i + 1}"
+                self.channels[i], self.downsample[i], init_scheme=scheme, dtype=self.dtype,
+                name=f"block{i + 1}",
             )
             h = block(h, update_stats)
-        h = nn.relu(h)
+        # Pool and score in float32 (no-ops under float32): a bfloat16 sum over H*W positions
+        # and bfloat16-rounded scores would feed their rounding straight into losses and BR.
+        h = nn.relu(h).astype(jnp.float32)
         h = jnp.sum(h, axis=(1, 2)) if self.pool == "sum" else jnp.mean(h, axis=(1, 2))
         head = nn.Dense(
             1,
             use_bias=self.head_bias,
             kernel_init=kernel_init(scheme, residual=False),
             name="head",
+            dtype=jnp.float32,
         )
         return _spectral_norm(head, h, update_stats)[:, 0]
 
@@ -408,6 +462,7 @@ def build_models(
     init_scheme: InitScheme = "xavier",
     d_pool: PoolMode = "sum",
     d_head_bias: bool = False,
+    compute_dtype: Dtype = jnp.float32,
 ) -> tuple[Generator, Discriminator]:
     """Builds the generator and discriminator of a named benchmark architecture.
 
@@ -421,6 +476,8 @@ def build_models(
       init_scheme: kernel init scheme for both networks, see ``kernel_init``.
       d_pool: D's global pooling, ``"sum"`` (SNGAN, the default) or ``"mean"`` (authors' code).
       d_head_bias: whether D's final dense layer has a bias (the authors' code: True).
+      compute_dtype: computation dtype of both networks (``jnp.float32`` or ``jnp.bfloat16``,
+        or their names); params and statistics stay float32, see the module docstring.
 
     Returns:
       ``(generator, discriminator)`` Flax modules (unbound; call ``init``/``apply``).
@@ -428,11 +485,13 @@ def build_models(
     arch = _architecture(name)
     g_ch = _base_width("g_ch", name, g_ch, arch.g_ch, arch.g_divisor)
     d_ch = _base_width("d_ch", name, d_ch, arch.d_ch, arch.d_divisor)
+    dtype = compute_dtype_of(compute_dtype)
     generator = Generator(
         channels=arch.g_channels(g_ch),
         bottom_width=arch.bottom_width,
         z_dim=z_dim,
         init_scheme=init_scheme,
+        dtype=dtype,
     )
     discriminator = Discriminator(
         channels=arch.d_channels(d_ch),
@@ -440,5 +499,6 @@ def build_models(
         pool=d_pool,
         head_bias=d_head_bias,
         init_scheme=init_scheme,
+        dtype=dtype,
     )
     return generator, discriminator

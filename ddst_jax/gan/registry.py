@@ -9,6 +9,7 @@ import flax.linen as nn
 from ddst_jax.gan import biggan, models
 
 MODEL_NAMES = (*models.MODEL_NAMES, *biggan.MODEL_NAMES)
+COMPUTE_DTYPES = models.COMPUTE_DTYPES  # "float32", "bfloat16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,14 +41,19 @@ def image_size(name: str) -> int:
 
 
 def build(name: str, *, z_dim: int | None = None, g_ch: int | None = None,
-          d_ch: int | None = None, num_classes: int | None = None) -> ModelPair:
-    """Build a named architecture; ``None`` fields take the benchmark's full-size values."""
+          d_ch: int | None = None, num_classes: int | None = None,
+          compute_dtype: str = "float32") -> ModelPair:
+    """Build a named architecture; ``None`` fields take the benchmark's full-size values.
+
+    ``compute_dtype`` (one of ``COMPUTE_DTYPES``) is the activations' dtype; params, optimizer
+    state and statistics stay float32 either way.
+    """
     if name in biggan.MODEL_NAMES:
         g, d = biggan.build_biggan(name, num_classes=num_classes, g_ch=g_ch, d_ch=d_ch,
-                                   z_dim=z_dim)
+                                   z_dim=z_dim, compute_dtype=compute_dtype)
         return ModelPair(g, d, d.num_classes, biggan.image_size(name), g.z_dim)
     if name in models.MODEL_NAMES:
         g, d = models.build_models(name, z_dim=128 if z_dim is None else z_dim, g_ch=g_ch,
-                                   d_ch=d_ch)
+                                   d_ch=d_ch, compute_dtype=compute_dtype)
         return ModelPair(g, d, 0, models.image_size(name), g.z_dim)
     raise ValueError(f"Unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}.")

@@ -27,6 +27,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.model.d_ch = 128  # D width (sngan32: every block).
     # Classes of a conditional model (BigGAN); None: the architecture's default.
     c.model.num_classes = config_dict.placeholder(int)
+    # "float32" or "bfloat16": activations/convolutions; params, optimizer state, masks, BN/SN
+    # statistics and losses stay float32.
+    c.model.compute_dtype = "float32"
 
     c.data = data.default_config()  # Input pipeline; see ddst_jax.data.default_config.
 
