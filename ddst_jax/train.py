@@ -36,7 +36,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddst_jax import balance, checkpoint, control, data, evaluation, reporting
+from ddst_jax import balance, checkpoint, control, data, evaluation, memory, reporting
 from ddst_jax import sparsity as sp
 from ddst_jax.gan import registry, steps
 from ddst_jax.gan.methods import MethodSpec, resolve_method
@@ -506,5 +506,8 @@ def _summary(config, spec, setup, state, last: Mapping[str, float], iteration: i
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "backend": jax.default_backend(),
+        # This process's high-water marks in MiB (a resumed run: this session's): host peak RSS;
+        # device allocator peak / in use on GPU and TPU (None on CPU, which does not report it).
+        "memory": memory.memory_report(),
         "config": json.loads(config.to_json_best_effort()),
     }

@@ -89,6 +89,7 @@ def test_every_method_trains_with_exact_densities_and_logs_br(name, tmp_path):
         config.data.source = "tfds"
         summary = train.train_and_evaluate(config, str(tmp_path))
     assert summary["finished"] and summary["iteration"] == 8
+    assert summary["memory"]["host_peak_rss_mb"] > 0  # peak memory of the run is recorded
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     br_rows = [r for r in rows if "br/ratio" in r]
     assert len(br_rows) >= 6  # measured every iteration (minus guarded ones)

@@ -1,0 +1,173 @@
+"""The benchmark scripts run end to end at tiny sizes and print the tables they promise.
+
+Each script runs as its own process, as a user runs it (``python -m benchmarks.X``): the
+existing scripts define their absl flags at import, so two of them cannot share a process.
+Nothing here asserts a timing; the machine is shared and the sizes are tiny.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import ddst_jax.sparsity.optim as sp_optim
+from benchmarks import overheads
+from ddst_jax import memory, train
+from ddst_jax import sparsity as sp
+from ddst_jax.gan import steps
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"g_ch": 8, "d_ch": 8, "batch_g": 4, "batch_d": 2, "n_dis": 1}
+
+
+def _cli(module: str, *args: str) -> str:
+    """stdout of ``python -m benchmarks.<module> args`` (one process, single CPU device)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           # Compile-bound at these sizes: XLA's CPU optimisations cost more than they save.
+           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    cache = jax.config.jax_compilation_cache_dir  # conftest's: re-runs skip the compiles
+    if cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _flags(**values) -> list[str]:
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+# ----------------------------------------------------------------------------- overheads.py
+
+
+def test_overheads_cli_prints_every_overhead_row():
+    out = _cli("overheads", "--methods=adapt", "--reps=1", "--iso_reps=1", *_flags(**TINY))
+    header, table, variants, mem = out.strip().split("\n\n")
+    assert header.startswith("backend=cpu G ch 8 / D ch 8")
+    assert "BR every 10, dT_G 500, dT_D 1000" in header  # the config's schedule, untouched
+    lines = table.splitlines()
+    for column in overheads.COLUMNS:
+        assert column in lines[0]
+    names = [line[:14].strip() for line in lines[1:]]
+    assert names == ["masking", "BR", "G mask update", "D decision", "EMA"]
+    verdicts = [line.split()[-1] for line in lines[1:]]
+    assert all(v in ("ok", "over") for v in verdicts[:-1]) and verdicts[-1] == "-"  # EMA
+    timed = [line.split()[:2] for line in variants.splitlines()[1:]]
+    assert timed[:5] == [["dense", "ordinary"], ["adapt", "ordinary"], ["adapt", "+BR"],
+                         ["adapt", "+BR+G"], ["adapt", "+BR+G"]]
+    ts = [int(line[40:47]) for line in variants.splitlines()[1:6]]  # the iteration's t
+    assert ts == [2, 2, 10, 500, 1000]
+    assert {line.split()[1] for line in variants.splitlines()[6:]} == {
+        "apply_masks", "BR", "EMA", "G", "D"}
+    assert [line.split()[0] for line in mem.splitlines()[1:3]] == ["dense", "adapt"]
+    assert "host peak RSS" in mem
+
+
+def test_event_plan_separates_coinciding_events():
+    events = {"BR": 10, "G mask update": 500, "D decision": 1000}
+    pairs = overheads.event_pairs(events, 100_000)
+    f = frozenset
+    assert pairs == {"BR": (f({"BR"}), f()),
+                     "G mask update": (f({"BR", "G mask update"}), f({"BR"})),
+                     "D decision": (f(events), f({"BR", "G mask update"}))}
+    assert overheads.first_step_with(f(), events, 100_000) == 2
+    assert overheads.first_step_with(f({"G mask update"}), events, 600) is None  # always + BR
+    # No update at the final iteration (is_update_step), so t = total runs BR only.
+    assert overheads.fired(1000, events, 1000) == f({"BR"})
+
+
+@pytest.mark.parametrize("policy", ["paper", "rigl"])
+def test_apply_masks_count_matches_a_trace_of_the_ordinary_iteration(policy, monkeypatch):
+    config = overheads.make_config("static", **TINY)  # n_dis 1: the scan body is traced once
+    config.sparsity.optimizer_policy = policy
+    setup = train.build_setup(config, train.validate_config(config))
+    state = jax.eval_shape(lambda: steps.init_state(setup, jax.random.key(0)))
+    g_tree = jax.tree_util.tree_structure(state.g_params)
+    calls = {"G": 0, "D": 0}
+    original = sp.apply_masks
+
+    def counting(params, masks):
+        calls["G" if jax.tree_util.tree_structure(params) == g_tree else "D"] += 1
+        return original(params, masks)
+
+    monkeypatch.setattr(sp, "apply_masks", counting)  # steps' effective weights
+    monkeypatch.setattr(sp_optim, "apply_masks", counting)  # sparse_update's re-zeroing
+
+    def ordinary(state, real, labels, key):  # train_iteration without its scheduled branches
+        d_params, d_state, _, g_state, _, _ = steps._d_steps(setup, state, real, labels, key,
+                                                             None)
+        return steps._g_step(setup, state, d_params, d_state, g_state, key, None)
+
+    real = jax.ShapeDtypeStruct((1, 2, 32, 32, 3), jnp.float32)
+    labels = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    jax.eval_shape(ordinary, state, real, labels, jax.random.key(1))
+    assert (calls["G"], calls["D"]) == overheads.apply_masks_per_iteration(setup)
+
+
+# ----------------------------------------------------------------------------- mask_update.py
+
+
+def test_mask_update_cli_prints_every_row_with_memory_columns():
+    out = _cli("mask_update", "--g_ch=8", "--d_ch=8", "--reps=1")
+    header, *lines = out.strip().splitlines()
+    assert header.startswith("backend=cpu sngan32 G ch 8 / D ch 8")
+    assert lines[0].split()[:2] == ["row", "N"] and lines[0].rstrip().endswith("RSS peak MB")
+    rows = [line[:15].strip() for line in lines[1:]]
+    assert rows == ["G global rigl", "G global set", "G layer rigl", "D resize grow",
+                    "D resize prune"]
+    cells = [line[15:].split() for line in lines[1:]]
+    assert len({c[0] for c in cells[:3]}) == 1 and len({c[0] for c in cells[3:]}) == 1  # N
+    assert cells[4][2] == "same"  # D prune reuses D grow's executable
+    assert all(c[-2] == "-" for c in cells)  # CPU keeps no device allocator statistics
+    assert all(float(c[-1]) > 0 for c in cells)  # host peak RSS
+
+
+# ----------------------------------------------------------------------------- existing scripts
+
+
+def test_gan_steps_cli_tiny():
+    out = _cli("gan_steps", "--g_ch=8", "--d_ch=8", "--batch=2", "--reps=1", "--impls=xla,gemm")
+    rows = [line.split()[:3] for line in out.strip().splitlines()[2:]]
+    assert rows == [["D", "step", "xla"], ["G", "step", "xla"], ["D", "step", "gemm"],
+                    ["G", "step", "gemm"]]
+
+
+def test_train_throughput_cli_tiny():
+    out = _cli("train_throughput", "--methods=adapt", "--reps=1", "--g_ch=8", "--d_ch=8",
+               "--batch_g=4", "--batch_d=2")
+    lines = out.strip().splitlines()
+    assert "iter s" in lines[1] and "+mask upd s" in lines[1]
+    assert [line.split()[0] for line in lines[2:]] == ["adapt"]
+
+
+# ----------------------------------------------------------------------------- ddst_jax.memory
+
+
+def test_memory_report_on_cpu_and_with_device_statistics():
+    compiled = jax.jit(lambda x: x * 2).lower(jnp.zeros((2**18,), jnp.float32)).compile()
+    r = memory.memory_report(compiled, device=jax.devices("cpu")[0])
+    assert r["host_peak_rss_mb"] > 0
+    assert r["device_peak_mb"] is None and r["device_in_use_mb"] is None  # CPU: no stats
+    assert r["compiled_argument_mb"] == r["compiled_output_mb"] == 1.0
+    assert set(r) == {"host_peak_rss_mb", "device_peak_mb", "device_in_use_mb",
+                      *(f"compiled_{k}_mb" for k in memory.COMPILED_FIELDS)}
+
+    class Accelerator:  # what GPU/TPU devices return
+        def memory_stats(self):
+            return {"peak_bytes_in_use": 3 * 2**20, "bytes_in_use": 2**20}
+
+    assert memory.device_memory_mb(Accelerator()) == {"device_peak_mb": 3.0,
+                                                      "device_in_use_mb": 1.0}
+
+
+def test_memory_report_without_an_analysis():
+    class NoAnalysis:
+        def memory_analysis(self):
+            raise NotImplementedError
+
+    r = memory.memory_report(NoAnalysis())
+    assert all(r[f"compiled_{k}_mb"] is None for k in memory.COMPILED_FIELDS)
