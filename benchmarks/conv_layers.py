@@ -57,7 +57,7 @@ def main(argv):
         fns = {(impl, p): _timed_fns(impl, argnums) for impl in _IMPLS.value
                for p, argnums in _PASSES.items()}
         args = {p: (x, w) if not argnums else (x, w, dy) for p, argnums in _PASSES.items()}
-        for (impl, p), fn in fns.items():
+        for (_, p), fn in fns.items():
             jax.block_until_ready(fn(*args[p]))  # compile + warm up
         times = {key: [] for key in fns}
         for _ in range(_REPS.value):
