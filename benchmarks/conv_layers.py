@@ -2,10 +2,11 @@
 
 Where a G step's time goes, one convolution at a time: the full-size SNGAN-32 generator's layer
 shapes (3x3 and 1x1, 256 -> 256 channels at 32x32 and 16x16, batch 64), each timed as forward
-only, forward + input gradient, forward + weight gradient and forward + both, for the
+only, forward + input gradient, forward + weight gradient and forward + both (loss
+sum(y^2) / 2, as ``(y ** 2).sum()`` in a PyTorch comparison), for the
 ``ddst_jax.gan.conv`` implementations ("xla": ``lax.conv`` and its autodiff; "gemm": GEMM weight
-gradients), interleaved round by round. GFLOP/s counts 2 * B * H * W * k * k * C_in * C_out per
-pass (forward, each gradient).
+gradients), interleaved round by round in a rotating order. GFLOP/s counts
+2 * B * H * W * k * k * C_in * C_out per pass (forward, each gradient).
 
     python -m benchmarks.conv_layers --batch=64 --reps=5
 """
@@ -27,7 +28,8 @@ _IMPLS = flags.DEFINE_list("impls", ["xla", "gemm"], "Convolution implementation
 _SHAPES = flags.DEFINE_list("shapes", ["32:256:256:3", "16:256:256:3", "32:256:256:1"],
                             "Layers as H:C_in:C_out:k (stride 1, SAME).")
 
-# What each timed function computes; the loss sum(y * dy) makes the cotangent dy.
+# What each timed function computes. The loss sum(y^2) / 2 (cotangent dy = y, as in the PyTorch
+# comparison's (y ** 2).sum()) needs the forward: with a loss linear in y, XLA would drop it.
 _PASSES = {"fwd": (), "fwd+dx": (0,), "fwd+dW": (1,), "fwd+both": (0, 1)}
 
 
@@ -39,7 +41,7 @@ def _timed_fns(impl: str, argnums: tuple[int, ...]):
 
     if not argnums:
         return jax.jit(forward)
-    return jax.jit(jax.grad(lambda x, w, dy: jnp.sum(forward(x, w) * dy), argnums=argnums))
+    return jax.jit(jax.grad(lambda x, w: 0.5 * jnp.sum(forward(x, w) ** 2), argnums=argnums))
 
 
 def main(argv):
@@ -50,21 +52,20 @@ def main(argv):
     print(f"{'layer':<22} {'impl':<6} " + " ".join(f"{p:>16}" for p in _PASSES), flush=True)
     for spec in _SHAPES.value:
         h, c_in, c_out, k = map(int, spec.split(":"))
-        kx, kw, kd = jax.random.split(jax.random.key(0), 3)
+        kx, kw = jax.random.split(jax.random.key(0))
         x = jax.random.normal(kx, (b, h, h, c_in))
         w = jax.random.normal(kw, (k, k, c_in, c_out)) * 0.02
-        dy = jax.random.normal(kd, (b, h, h, c_out))
         fns = {(impl, p): _timed_fns(impl, argnums) for impl in _IMPLS.value
                for p, argnums in _PASSES.items()}
-        args = {p: (x, w) if not argnums else (x, w, dy) for p, argnums in _PASSES.items()}
-        for (_, p), fn in fns.items():
-            jax.block_until_ready(fn(*args[p]))  # compile + warm up
+        for fn in fns.values():
+            jax.block_until_ready(fn(x, w))  # compile + warm up
         times = {key: [] for key in fns}
-        for _ in range(_REPS.value):
-            for (impl, p), fn in fns.items():
+        keys = list(fns)
+        for r in range(_REPS.value):  # interleaved, order rotated every round
+            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
                 t0 = time.perf_counter()
-                jax.block_until_ready(fn(*args[p]))
-                times[impl, p].append(time.perf_counter() - t0)
+                jax.block_until_ready(fns[key](x, w))
+                times[key].append(time.perf_counter() - t0)
         gflop = 2 * b * h * h * k * k * c_in * c_out / 1e9
         for impl in _IMPLS.value:
             cells = []

@@ -4,9 +4,11 @@ D step: hinge loss of D on B real + B fake images in one batch (forward + backwa
 G step: G forward on B noise vectors, D forward, G hinge loss, backward to G's params.
 No optimizer update (the reference's Adam step is a small share). Each convolution
 implementation (``ddst_jax.gan.conv``: "xla" = ``lax.conv`` and its autodiff, "gemm" = GEMM
-gradients) is compiled once and the timed calls are interleaved round by round, so the ratio
-between them is measured under the same machine load. Run it right next to the PyTorch reference
-on the same machine and quote ratios:
+gradients) is compiled once and the timed calls are interleaved round by round, in an order
+rotated every round (a call right after other jitted work runs slower), so the ratio between
+them is measured under the same machine load. Process CPU seconds per call are reported beside
+wall seconds: on a shared machine they move less with other jobs' load. Run it right next to
+the PyTorch reference on the same machine and quote ratios:
 
     python -m benchmarks.gan_steps --batch=64 --reps=5
     python ../shared/reference/sngan_torch.py --bs 64 --gbs 64 --threads 2 --reps 5 --modes dense
@@ -14,6 +16,7 @@ on the same machine and quote ratios:
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 
@@ -58,6 +61,11 @@ def make_steps(batch: int, g_ch: int, d_ch: int):
     return {"D step": (d_step, d_vars["params"]), "G step": (g_step, g_vars["params"])}
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv):
     del argv
     steps = make_steps(_BATCH.value, _G_CH.value, _D_CH.value)
@@ -71,21 +79,27 @@ def main(argv):
                 compile_s[name, impl] = time.perf_counter() - t0
             jax.block_until_ready(compiled[name, impl](arg))  # warm-up
     times = {k: [] for k in compiled}
-    for _ in range(_REPS.value):  # interleaved: every variant sees the same load
-        for (name, impl), fn in compiled.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(steps[name][1]))
-            times[name, impl].append(time.perf_counter() - t0)
+    cpu = {k: [] for k in compiled}
+    keys = list(compiled)
+    for r in range(_REPS.value):  # interleaved, rotated: every variant sees the same load
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            c0, t0 = _cpu_seconds(), time.perf_counter()
+            jax.block_until_ready(compiled[key](steps[key[0]][1]))
+            times[key].append(time.perf_counter() - t0)
+            cpu[key].append(_cpu_seconds() - c0)
     print(f"backend={jax.default_backend()} batch={_BATCH.value} G ch {_G_CH.value} / D ch "
           f"{_D_CH.value}, medians of {_REPS.value} interleaved rounds")
     first = _IMPLS.value[0]
     print(f"{'step':<8} {'conv impl':<10} {'median ms':>10} {'vs ' + first:>9} "
-          f"{'compile s':>10}  all ms")
+          f"{'CPU ms':>8} {'vs ' + first:>9} {'compile s':>10}  all ms")
     for (name, impl), ts in times.items():
         med = statistics.median(ts)
         ratio = med / statistics.median(times[name, first])
-        print(f"{name:<8} {impl:<10} {med * 1e3:>10.0f} {ratio:>9.2f} "
-              f"{compile_s[name, impl]:>10.1f}  {[round(t * 1e3) for t in ts]}", flush=True)
+        cpu_med = statistics.median(cpu[name, impl])
+        cpu_ratio = cpu_med / statistics.median(cpu[name, first])
+        print(f"{name:<8} {impl:<10} {med * 1e3:>10.0f} {ratio:>9.2f} {cpu_med * 1e3:>8.0f} "
+              f"{cpu_ratio:>9.2f} {compile_s[name, impl]:>10.1f}  {[round(t * 1e3) for t in ts]}",
+              flush=True)
 
 
 if __name__ == "__main__":

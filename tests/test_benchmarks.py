@@ -136,6 +136,15 @@ def test_gan_steps_cli_tiny():
                     ["G", "step", "gemm"]]
 
 
+def test_conv_layers_cli_tiny():
+    out = _cli("conv_layers", "--batch=2", "--reps=1", "--shapes=4:3:5:3,4:3:5:1")
+    lines = out.strip().splitlines()
+    assert lines[1].split() == ["layer", "impl", "fwd", "fwd+dx", "fwd+dW", "fwd+both"]
+    rows = [(line[:22].strip(), line.split()[3]) for line in lines[2:]]
+    assert rows == [("4x4 3->5 k3", "xla"), ("4x4 3->5 k3", "gemm"), ("4x4 3->5 k1", "xla"),
+                    ("4x4 3->5 k1", "gemm")]
+
+
 def test_train_throughput_cli_tiny():
     out = _cli("train_throughput", "--methods=adapt", "--reps=1", "--g_ch=8", "--d_ch=8",
                "--batch_g=4", "--batch_d=2")
