@@ -149,7 +149,7 @@ def test_train_throughput_cli_tiny():
     out = _cli("train_throughput", "--methods=adapt", "--reps=1", "--g_ch=8", "--d_ch=8",
                "--batch_g=4", "--batch_d=2")
     lines = out.strip().splitlines()
-    assert "iter s" in lines[1] and "+mask upd s" in lines[1]
+    assert "iter s" in lines[1] and "+BR+mask upd s" in lines[1]
     assert [line.split()[0] for line in lines[2:]] == ["adapt"]
 
 
