@@ -72,10 +72,10 @@ def resolve_impl(impl: str) -> str:
     if impl == "auto":
         impl = _AUTO.get() or "auto"
     if impl == "auto":
-        # One CPU device only. Under SPMD partitioning the tap GEMMs (a contraction over the
-        # batch-sharded axis) reduce in a different order in a 2-process program than in a
-        # 1-process one: a tiny 8-iteration run then differed by 34 mask entries and 5e-3 in
-        # its images across the two layouts, where lax.conv's gradients agree to 3e-6.
+        # One CPU device only. With the tap GEMMs a tiny 8-iteration run on 2 processes x 4
+        # devices and one on 1 process x 8 devices differed by 34 mask entries and 5e-3 in
+        # their images, where with lax.conv they agree to 3e-6 (most likely the partitioned
+        # contraction over the batch-sharded axis reduces in a different order; not traced).
         # Multi-device CPU meshes are for tests, not speed, so they keep lax.conv.
         return "gemm" if jax.default_backend() == "cpu" and jax.device_count() == 1 else "xla"
     return impl
