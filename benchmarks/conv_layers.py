@@ -14,12 +14,12 @@ gradients), interleaved round by round in a rotating order. GFLOP/s counts
 from __future__ import annotations
 
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from benchmarks.common import interleaved_times
 from ddst_jax.gan import conv
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Batch size.")
@@ -59,13 +59,8 @@ def main(argv):
                for p, argnums in _PASSES.items()}
         for fn in fns.values():
             jax.block_until_ready(fn(x, w))  # compile + warm up
-        times = {key: [] for key in fns}
-        keys = list(fns)
-        for r in range(_REPS.value):  # interleaved, order rotated every round
-            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-                t0 = time.perf_counter()
-                jax.block_until_ready(fns[key](x, w))
-                times[key].append(time.perf_counter() - t0)
+        calls = {key: (lambda f=fn, x=x, w=w: f(x, w)) for key, fn in fns.items()}
+        times, _ = interleaved_times(calls, _REPS.value)
         gflop = 2 * b * h * h * k * k * c_in * c_out / 1e9
         for impl in _IMPLS.value:
             cells = []

@@ -16,7 +16,6 @@ the PyTorch reference on the same machine and quote ratios:
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from benchmarks.common import interleaved_times
 from ddst_jax.gan import conv, losses
 from ddst_jax.gan.models import build_models
 
@@ -61,11 +61,6 @@ def make_steps(batch: int, g_ch: int, d_ch: int):
     return {"D step": (d_step, d_vars["params"]), "G step": (g_step, g_vars["params"])}
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def main(argv):
     del argv
     steps = make_steps(_BATCH.value, _G_CH.value, _D_CH.value)
@@ -78,15 +73,9 @@ def main(argv):
                 compiled[name, impl] = jax.jit(lambda a, f=fn: f(a)).lower(arg).compile()
                 compile_s[name, impl] = time.perf_counter() - t0
             jax.block_until_ready(compiled[name, impl](arg))  # warm-up
-    times = {k: [] for k in compiled}
-    cpu = {k: [] for k in compiled}
-    keys = list(compiled)
-    for r in range(_REPS.value):  # interleaved, rotated: every variant sees the same load
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            c0, t0 = _cpu_seconds(), time.perf_counter()
-            jax.block_until_ready(compiled[key](steps[key[0]][1]))
-            times[key].append(time.perf_counter() - t0)
-            cpu[key].append(_cpu_seconds() - c0)
+    times, cpu = interleaved_times(
+        {key: (lambda f=fn, a=steps[key[0]][1]: f(a)) for key, fn in compiled.items()},
+        _REPS.value)
     print(f"backend={jax.default_backend()} batch={_BATCH.value} G ch {_G_CH.value} / D ch "
           f"{_D_CH.value}, medians of {_REPS.value} interleaved rounds")
     first = _IMPLS.value[0]

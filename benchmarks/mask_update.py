@@ -11,13 +11,13 @@ from a dense stand-in gradient for RigL), exact top-k over the scope, weights re
 - ``D resize grow`` / ``D resize prune``: ``sparsity.resize_update`` by one controller step
   (delta = 0.05 of D's maskable weights), as an ADAPT decision does.
 
-Columns: median wall time of the jitted call over interleaved rounds (every row once per
-round), compile time ("same": the executable of the row above), XLA's buffer assignment of the
-compiled call (``memory_analysis()``: arguments, outputs, temporaries, their sum less aliased
-bytes as an upper bound of what one call holds, XLA's own peak estimate; '-' where the backend
-gives none), the device allocator's peak (``memory_stats()``; '-' on CPU, which keeps none) and
-the host's peak RSS after the row's compile and first call. Both peaks are process-wide
-high-water marks: a row raises them only if it needs more than every row before it.
+Columns: median wall time of the jitted call over interleaved rounds (every row once per round,
+in an order rotated every round), compile time ("same": the executable of the row above), XLA's
+buffer assignment of the compiled call (``memory_analysis()``: arguments, outputs, temporaries,
+their sum less aliased bytes as an upper bound of what one call holds, XLA's own peak estimate;
+'-' where the backend gives none), the device allocator's peak (``memory_stats()``; '-' on CPU,
+which keeps none) and the host's peak RSS after the row's compile and first call. Both peaks are
+process-wide high-water marks: a row raises them only if it needs more than every row before it.
 
     python -m benchmarks.mask_update                          # full size
     python -m benchmarks.mask_update --reps=10
@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from benchmarks.common import interleaved_times, stand_in_grads
 from ddst_jax import memory
 from ddst_jax import sparsity as sp
 from ddst_jax.gan.models import build_models
@@ -70,11 +71,8 @@ def sparse_tree(init: Callable, density: float, key: jax.Array) -> dict[str, PyT
     k_init, k_mask, k_grad = jax.random.split(key, 3)
     params = init(k_init)["params"]
     masks = sp.init_masks(k_mask, params, sp.layer_densities(params, density, "erk"))
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    grads = jax.tree_util.tree_unflatten(treedef, [
-        jax.random.normal(jax.random.fold_in(k_grad, i), x.shape, x.dtype)
-        for i, x in enumerate(leaves)])
-    return {"params": sp.apply_masks(params, masks), "masks": masks, "grads": grads}
+    return {"params": sp.apply_masks(params, masks), "masks": masks,
+            "grads": stand_in_grads(params, k_grad)}
 
 
 def g_drop_and_grow(scope: str, regrow: str) -> Callable:
@@ -128,18 +126,6 @@ def compile_row(fn: Callable, args: tuple) -> dict[str, Any]:
     return {"compiled": compiled, "compile_s": compile_s, **memory.memory_report(compiled)}
 
 
-def time_rounds(compiled: dict[str, Callable], args: dict[str, tuple], reps: int
-                ) -> dict[str, list[float]]:
-    """Seconds per call, rows interleaved round by round so all see the same machine load."""
-    times: dict[str, list[float]] = {name: [] for name in compiled}
-    for _ in range(reps):
-        for name, fn in compiled.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args[name]))
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The printed table: one line per row dict (keys: ``COLUMNS``' data, see ``run``)."""
     lines = [f"{COLUMNS[0]:<15} {COLUMNS[1]:>9} {COLUMNS[2]:>8} {COLUMNS[3]:>9} "
@@ -166,8 +152,8 @@ def run(g_ch: int, d_ch: int, g_density: float, d_density: float, fraction: floa
             info[name] = {**by_fn[fn], "compile_s": None}
         else:
             info[name] = by_fn[fn] = compile_row(fn, args)
-    times = time_rounds({n: i["compiled"] for n, i in info.items()},
-                        {n: r[1] for n, r in rows.items()}, reps)
+    times, _ = interleaved_times(
+        {n: (lambda f=i["compiled"], a=rows[n][1]: f(*a)) for n, i in info.items()}, reps)
     table = [{"row": name, "n": n, "active": active, "median_s": statistics.median(times[name]),
               "bound_mb": memory.live_bound_mb(info[name]), **info[name]}
              for name, (_, _, n, active) in rows.items()]

@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from benchmarks.common import rotated, stand_in_grads
 from ddst_jax import balance, memory, train
 from ddst_jax import sparsity as sp
 from ddst_jax.gan import steps
@@ -204,14 +205,6 @@ def _fresh(state: steps.TrainState, step: int) -> steps.TrainState:
     return jax.block_until_ready(state)
 
 
-def _stand_in_grads(params, key: jax.Array):
-    """i.i.d. normal like ``params``: only their ranking matters to RigL's grow score."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    return jax.tree_util.tree_unflatten(treedef, [
-        jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-        for i, x in enumerate(leaves)])
-
-
 def isolated_pieces(bench: MethodBench, real: jax.Array, labels: jax.Array
                     ) -> dict[str, tuple[Callable, tuple]]:
     """Piece name -> (jitted function, arguments): each piece of the iteration on its own.
@@ -221,9 +214,8 @@ def isolated_pieces(bench: MethodBench, real: jax.Array, labels: jax.Array
     """
     setup, state = bench.setup, bench.state
     events = scheduled_events(setup)
-    g_grads = _stand_in_grads(state.g_params, jax.random.key(3))
-    d_grads = _stand_in_grads(state.d_params, jax.random.key(4))
-    decay = setup.ema_decay
+    g_grads = stand_in_grads(state.g_params, jax.random.key(3))
+    d_grads = stand_in_grads(state.d_params, jax.random.key(4))
 
     def br(state, real, labels, key):
         z = jax.random.normal(key, (setup.batch_g, setup.z_dim))
@@ -236,9 +228,7 @@ def isolated_pieces(bench: MethodBench, real: jax.Array, labels: jax.Array
         return ratio, balance.push(state.br_window, ratio)
 
     def ema(g_ema, g_masks, g_params):  # as in steps.train_iteration
-        return jax.tree_util.tree_map(
-            lambda e, m, p: decay * jnp.where(m, e, 0.0) + (1.0 - decay) * p,
-            g_ema, g_masks, g_params)
+        return steps.sparse_ema(g_ema, g_masks, g_params, setup.ema_decay)
 
     pieces = {
         "apply_masks G": (jax.jit(sp.apply_masks), (state.g_params, state.g_masks)),
@@ -292,7 +282,7 @@ def time_rounds(benches: list[MethodBench], pieces: dict[str, tuple[Callable, tu
         # Each round starts one variant later, so no variant always runs first: the first
         # iteration after the isolated pieces measured ~2.5 s (8%) slower at full size, which
         # made dense (always first) look 9% slower than static. Rotated, the median drops it.
-        for b, work, step in calls[r % len(calls):] + calls[:r % len(calls)]:
+        for b, work, step in rotated(calls, r):
             e2e[b.name, work].append(_timed(b.compiled, _fresh(b.state, step), real, labels))
         for name, (fn, args) in pieces.items():
             iso[name] += [_timed(fn, *args) for _ in range(iso_reps)]

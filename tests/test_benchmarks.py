@@ -180,3 +180,29 @@ def test_memory_report_without_an_analysis():
 
     r = memory.memory_report(NoAnalysis())
     assert all(r[f"compiled_{k}_mb"] is None for k in memory.COMPILED_FIELDS)
+
+
+# ----------------------------------------------------------------------------- common.py
+
+
+def test_rotated_order_and_interleaved_times():
+    from benchmarks import common
+
+    assert common.rotated(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert common.rotated(["a", "b", "c"], 4) == ["b", "c", "a"]
+    assert common.rotated([], 3) == []
+    order = []
+    calls = {k: (lambda k=k: order.append(k)) for k in "abc"}
+    wall, cpu = common.interleaved_times(calls, 3)
+    assert order == list("abc" "bca" "cab")  # every round starts one variant later
+    assert all(len(wall[k]) == len(cpu[k]) == 3 and min(wall[k]) >= 0 for k in "abc")
+
+
+def test_stand_in_grads_are_normal_draws_shaped_like_params():
+    from benchmarks import common
+
+    params = {"a": jnp.zeros((3, 2)), "b": {"kernel": jnp.zeros((4,), jnp.bfloat16)}}
+    grads = common.stand_in_grads(params, jax.random.key(0))
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
+    assert grads["a"].shape == (3, 2) and grads["b"]["kernel"].dtype == jnp.bfloat16
+    assert not bool(jnp.all(grads["a"] == grads["a"][0, 0]))  # random, not a constant

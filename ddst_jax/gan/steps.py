@@ -328,9 +328,14 @@ def _d_density_update(setup: GanSetup, t, ctrl_state, window, d_params, d_masks,
     return ctrl_state, decision, d_params, d_masks, d_opt
 
 
-def _leaf_counts(masks: PyTree, setup: GanSetup) -> jax.Array:
-    """int32 (num maskable leaves,) active counts in tree-flatten order."""
-    return sp.layer_counts(masks, setup.is_maskable)
+def sparse_ema(ema: PyTree, masks: PyTree, params: PyTree, decay: float) -> PyTree:
+    """One step of G's sparse EMA: ``decay * (ema * mask) + (1 - decay) * params``, per leaf.
+
+    Multiplying by the current mask every iteration equals SPEC section 5's "multiply on mask
+    change" because inactive EMA entries are already 0 otherwise.
+    """
+    return jax.tree_util.tree_map(
+        lambda e, m, p: decay * jnp.where(m, e, 0.0) + (1.0 - decay) * p, ema, masks, params)
 
 
 def train_iteration(setup: GanSetup, state: TrainState, real: jax.Array,
@@ -380,12 +385,7 @@ def train_iteration(setup: GanSetup, state: TrainState, real: jax.Array,
             setup, t, ctrl_state, window, d_params, d_masks, d_opt, d_grads, k_dm)
         action = decision.action
 
-    # Sparse EMA: multiplying by the current mask every iteration equals SPEC section 5's
-    # "multiply on mask change" because inactive EMA entries are already 0 otherwise.
-    decay = setup.ema_decay
-    g_ema = jax.tree_util.tree_map(
-        lambda e, m, p: decay * jnp.where(m, e, 0.0) + (1.0 - decay) * p,
-        state.g_ema, g_masks, g_params)
+    g_ema = sparse_ema(state.g_ema, g_masks, g_params, setup.ema_decay)
 
     new_state = TrainState(
         step=t, g_params=g_params, g_state=g_state, d_params=d_params, d_state=d_state,
@@ -393,7 +393,8 @@ def train_iteration(setup: GanSetup, state: TrainState, real: jax.Array,
         br_window=window, controller=ctrl_state, key=key)
     n_g = max(1, sp.num_maskable(g_masks, is_maskable=setup.is_maskable))
     n_d = max(1, sp.num_maskable(d_masks, is_maskable=setup.is_maskable))
-    g_counts, d_counts = _leaf_counts(g_masks, setup), _leaf_counts(d_masks, setup)
+    g_counts = sp.layer_counts(g_masks, setup.is_maskable)
+    d_counts = sp.layer_counts(d_masks, setup.is_maskable)
     metrics = {
         "loss/d": jnp.mean(d_losses),
         "loss/g": g_loss,
