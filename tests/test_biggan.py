@@ -19,14 +19,18 @@ from model_helpers import key as _key
 from model_helpers import leaves_by_path as _leaves_by_path
 from model_helpers import size as _size
 
+from ddst_jax.gan import layers
 from ddst_jax.gan.biggan import (
     CBN_MODULE_NAMES,
     MODEL_NAMES,
+    DBlock,
     Discriminator,
     Generator,
     SelfAttention,
     SpectralNorm,
+    bias_init,
     build_biggan,
+    embedding_init,
     image_size,
     maskable_including_cbn,
     weight_init,
@@ -65,9 +69,12 @@ def _attention(c: int) -> int:
 # Full-size architectures, traced only.
 # ------------------------------------------------------------------------------------------
 
-# By hand from the layouts of the authors' biggan.32 (= BigGAN-PyTorch's CIFAR model, whose G
-# ajbrock quotes as "about 4.3M") and of StudioGAN's big_resnet at 64x64 (the authors' biggan.64).
-# PyTorch counts the same tensors: SN u/v are buffers, not parameters.
+# The reference's counts: the authors' code (YiteWang/ADAPT at 002e2e9) instantiated once with
+# torch 2.13.0 (CPU; not a dependency of this project): biggan.32 = biggan.Generator32(args) /
+# Discriminator32(args) with main.py's add_sn applied to D, biggan.64 = big_resnet.Generator /
+# Discriminator with args.img_size=64, args.num_classes=200; sum(p.numel() for p in
+# net.parameters()) (SN u/v and BN running statistics are buffers, not parameters). The same
+# numbers follow by hand from the layouts, see test_hand_counts_add_up.
 BIGGAN32_G, BIGGAN32_D = 4_304_387, 4_207_361
 BIGGAN64_G, BIGGAN64_D = 17_335_204, 30_796_722
 # Maskable weights under default_is_maskable (conv/dense kernels but CBN maps and the head).
@@ -201,6 +208,12 @@ def test_full_size_counts_shapes_and_leaf_names(name, counts, maskable, classes)
         }
         for suffix in ("/u", "/sigma"):
             assert sorted(_sn_weight_path(p) for p in state if p.endswith(suffix)) == sn_weights
+        # Biases: on every conv/dense of the reference (block convs, shortcuts, G's input dense
+        # and output conv, D's classifier), not on the attention convs nor the CBN linear maps.
+        for path in (p for p in leaves if p.endswith("/kernel")):
+            module = path.split("/")[-2]
+            no_bias = module in ("query", "key", "value", "out", *CBN_MODULE_NAMES)
+            assert (path[: -len("kernel")] + "bias" in leaves) == (not no_bias), path
 
 
 def test_default_predicate_keeps_embeddings_head_and_cbn_maps_dense():
@@ -230,6 +243,207 @@ def test_default_predicate_keeps_embeddings_head_and_cbn_maps_dense():
     _, _, g32, d32, *_ = _full_size("biggan32")
     assert _maskable_size(g32["params"], maskable_including_cbn) == BIGGAN32_G_MASKABLE
     assert _maskable_size(d32["params"], maskable_including_cbn) == BIGGAN32_D_MASKABLE
+
+
+# ------------------------------------------------------------------------------------------
+# Agreement with the authors' reference models (YiteWang/ADAPT at 002e2e9): biggan.32 =
+# sparselearning/backbones/biggan.py Generator32 / Discriminator32 (+ main.py's add_sn on D),
+# biggan.64 = sparselearning/backbones/big_resnet.py (StudioGAN) at img_size 64.
+# ------------------------------------------------------------------------------------------
+
+# name -> (G/D init scheme, BN eps, SN eps, D shortcuts read ReLU(x))
+REFERENCE = {
+    # res32_weights_init; nn.BatchNorm2d defaults; sn = spectral_norm(eps=1e-12) and add_sn
+    # (PyTorch's default eps); DisBlock's nn.ReLU() is not in place.
+    "biggan32": ("res32", 1e-5, 1e-12, False),
+    # init_weights(..., "ortho"); batchnorm_2d(eps=1e-4); snconv2d/snlinear/sn_embedding use
+    # eps=1e-6; DiscBlock's ReLU(inplace=True) also rectifies the tensor its shortcut reads.
+    "biggan64": ("ortho", 1e-4, 1e-6, True),
+}
+
+
+def _module_settings(name: str):
+    """Every SpectralNorm / BatchNorm module that a full-size G and D call, with its settings."""
+    G, D, g_vars, d_vars, z, y, x = _full_size(name)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, nn.SpectralNorm):
+            seen.append(("sn", "/".join(module.scope.path), type(module), module.epsilon))
+        if context.method_name == "__call__" and isinstance(module, nn.BatchNorm):
+            settings = (module.epsilon, module.momentum, module.use_scale, module.use_bias)
+            seen.append(("bn", "/".join(module.scope.path), type(module), settings))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(functools.partial(G.apply, train=True, mutable=["batch_stats"]), g_vars,
+                       z, y)
+        jax.eval_shape(functools.partial(D.apply, mutable=["batch_stats"]), d_vars, x, y)
+    return seen
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_named_models_use_the_reference_settings(name):
+    scheme, bn_eps, sn_eps, relu_shortcut = REFERENCE[name]
+    G, D = build_biggan(name)
+    assert G.init_scheme == D.init_scheme == scheme
+    assert (G.bn_epsilon, G.sn_epsilon, D.sn_epsilon) == (bn_eps, sn_eps, sn_eps)
+    assert D.relu_shortcut is relu_shortcut
+    # Hierarchical z and the shared embedding only in biggan64: z 100 = 5 chunks of 20.
+    assert (G.z_dim, G.shared_dim) == ((100, 128) if name == "biggan64" else (128, 0))
+    # Another scheme is an option, not the default.
+    assert build_biggan(name, init_scheme="n02")[0].init_scheme == "n02"
+
+    settings = _module_settings(name)
+    sn = [s for s in settings if s[0] == "sn"]
+    bn = [s for s in settings if s[0] == "bn"]
+    # One SN wrapper per kernel of G and D plus D's projection embedding (counted above in
+    # test_full_size_counts_shapes_and_leaf_names), all with the model's eps.
+    _, _, g_vars, d_vars, *_ = _full_size(name)
+    n_kernels = sum(p.endswith("/kernel") for v in (g_vars, d_vars)
+                    for p in _leaves_by_path(v["params"]))
+    assert len(sn) == n_kernels + 1
+    assert all(cls is SpectralNorm and eps == sn_eps for _, _, cls, eps in sn), sn
+    # G's BatchNorms: layers.BatchNorm (PyTorch's unbiased running variance), PyTorch momentum
+    # 0.1 (flax decay 0.9), the model's eps; the CBNs without affine parameters, bn_out with.
+    blocks = len(G.channels) - 1
+    assert len(bn) == 2 * blocks + 1
+    for _, path, cls, settings in bn:
+        assert cls is layers.BatchNorm, path
+        affine = path == "bn_out"
+        assert settings == (bn_eps, 0.9, affine, affine), path
+
+
+def _real_init(name: str, g_ch: int, d_ch: int):
+    """Params of a small named model from its own initializers (jit, rbg keys)."""
+    G, D = build_biggan(name, g_ch=g_ch, d_ch=d_ch)
+    z, y = jnp.zeros((2, G.z_dim)), jnp.zeros((2,), jnp.int32)
+    x = jnp.zeros((2, G.image_size, G.image_size, 3))
+    g_vars = jax.jit(functools.partial(G.init, train=False))(_key(20), z, y)
+    d_vars = jax.jit(D.init)(_key(21), x, y)
+    return _leaves_by_path(g_vars["params"]), _leaves_by_path(d_vars["params"])
+
+
+def _fan_in(kernel) -> int:
+    return math.prod(kernel.shape[:-1])
+
+
+def _check_other_leaves(leaves):
+    """BN scale 1 and offset 0, attention gate 0 (both references)."""
+    for path, leaf in leaves.items():
+        if path.endswith("/scale"):
+            np.testing.assert_array_equal(leaf, 1.0, err_msg=path)
+        if path.endswith("/gamma") or (path.endswith("/bias") and "bn_out" in path):
+            np.testing.assert_array_equal(leaf, 0.0, err_msg=path)
+
+
+def test_biggan32_default_init_is_the_reference_res32_init():
+    """res32_weights_init: every Conv2d / Linear / Embedding weight N(0, 0.02); the biases keep
+    PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)), nonzero (fan_in = in * kh * kw)."""
+    for leaves in _real_init("biggan32", 16, 16):
+        kernels = {p: np.asarray(v) for p, v in leaves.items() if p.endswith("/kernel")}
+        tables = {p: np.asarray(v) for p, v in leaves.items() if p.endswith("/embedding")}
+        assert kernels and tables
+        for path, w in kernels.items():
+            if w.size >= 1000:  # per layer, where the sample is large enough
+                assert abs(w.std() - 0.02) < 0.002 and abs(w.mean()) < 0.002, path
+        pooled = np.concatenate([np.ravel(w) for w in kernels.values()])
+        np.testing.assert_allclose(pooled.std(), 0.02, rtol=0.02)
+        tables = np.concatenate([np.ravel(t) for t in tables.values()])
+        np.testing.assert_allclose(tables.std(), 0.02, rtol=0.1)
+        scaled = []
+        for path, w in kernels.items():
+            b = np.asarray(leaves[path[: -len("kernel")] + "bias"])
+            bound = 1.0 / math.sqrt(_fan_in(w))
+            assert np.all(b != 0.0) and np.all(np.abs(b) <= bound), path
+            if b.size >= 16:
+                assert np.abs(b).max() > 0.5 * bound, path  # the bound is this layer's
+            scaled.append(b / bound)
+        scaled = np.concatenate(scaled)  # ~U(-1, 1): std 1/sqrt(3)
+        np.testing.assert_allclose(scaled.std(), 1 / math.sqrt(3), rtol=0.1)
+        assert abs(scaled.mean()) < 0.1
+        _check_other_leaves(leaves)
+
+
+def test_biggan64_default_init_is_the_reference_ortho_init():
+    """StudioGAN's init_weights(..., "ortho"): every Conv2d / Linear / Embedding weight
+    (semi-)orthogonal with gain 1, every conv / linear bias 0."""
+    for leaves in _real_init("biggan64", 4, 8):
+        n_matrices = 0
+        for path, leaf in leaves.items():
+            if path.endswith(("/kernel", "/embedding")):
+                m = np.asarray(leaf, np.float64).reshape(-1, leaf.shape[-1])
+                gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
+                np.testing.assert_allclose(gram, np.eye(len(gram)), atol=1e-4, err_msg=path)
+                n_matrices += 1
+            elif path.endswith("/bias"):
+                np.testing.assert_array_equal(leaf, 0.0, err_msg=path)
+        assert n_matrices > 10
+        _check_other_leaves(leaves)
+
+
+def test_init_scheme_functions():
+    key = _key(30)
+    # PyTorch's default conv/linear init: U(+-1/sqrt(fan_in)) for weight and bias alike.
+    for scheme in ("res32", "torch"):
+        b = np.asarray(bias_init(scheme, 3 * 3 * 16)(key, (20_000,)))
+        assert np.abs(b).max() <= 1 / 12 and np.abs(b).max() > 0.99 / 12
+        np.testing.assert_allclose(b.std(), 1 / 12 / math.sqrt(3), rtol=0.03)
+    for scheme in ("ortho", "n02"):
+        assert not np.any(np.asarray(bias_init(scheme, 5)(key, (7,))))
+    with pytest.raises(ValueError, match="positive fan_in"):
+        bias_init("res32", 0)
+    with pytest.raises(ValueError, match="Unknown init scheme"):
+        bias_init("xavier", 4)
+    w = np.asarray(weight_init("torch")(key, (3, 3, 16, 64)))
+    assert np.abs(w).max() <= 1 / 12 and np.abs(w).max() > 0.99 / 12
+    np.testing.assert_allclose(w.std(), 1 / 12 / math.sqrt(3), rtol=0.03)
+    np.testing.assert_allclose(np.asarray(embedding_init("torch")(key, (100, 100))).std(), 1.0,
+                               rtol=0.03)
+    for scheme in ("n02", "res32"):
+        np.testing.assert_allclose(np.asarray(weight_init(scheme)(key, (64, 64))).std(), 0.02,
+                                   rtol=0.05)
+        np.testing.assert_allclose(np.asarray(embedding_init(scheme)(key, (64, 64))).std(), 0.02,
+                                   rtol=0.05)
+
+
+def test_relu_shortcut_feeds_the_rectified_input_to_the_shortcut():
+    """StudioGAN's DiscBlock: ``x0 = x; x = relu_(x)`` rectifies x0 too, so the block maps x as a
+    plain block maps ReLU(x) (its residual starts with a ReLU anyway)."""
+    x = jax.random.normal(_key(31), (2, 8, 8, 4))
+    for down, features in ((True, 8), (False, 8), (False, 4)):  # 1x1 conv / identity shortcut
+        plain = DBlock(features, down)
+        rectified = DBlock(features, down, relu_shortcut=True)
+        variables = jax.jit(plain.init, static_argnums=2)(_key(32), x, False)
+
+        @jax.jit
+        def outputs(variables, x, plain=plain, rectified=rectified):
+            expected = plain.apply(variables, jax.nn.relu(x), False)
+            return rectified.apply(variables, x, False), expected, plain.apply(variables, x, False)
+
+        out, expected, unrectified = outputs(variables, x)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+        assert float(jnp.max(jnp.abs(out - unrectified))) > 1e-3
+    # The first (optimized) block reads the image and never rectifies its shortcut.
+    d = Discriminator(channels=(8, 8), downsample=(True, False), num_classes=2, relu_shortcut=True)
+    d_plain = d.clone(relu_shortcut=False)
+    x = jax.random.normal(_key(33), (2, 8, 8, 3))
+    y = jnp.array([0, 1], jnp.int32)
+    variables = jax.jit(d.init)(_key(34), x, y)
+    modules = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, DBlock) and context.method_name == "__call__":
+            modules[context.module.name] = context.module.relu_shortcut
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(functools.partial(d.apply, update_stats=False), variables, x, y)
+    assert modules == {"block1": False, "block2": True}
+    scores = jax.jit(lambda v: [m.apply(v, x, y, update_stats=False) for m in (d, d_plain)])
+    rectified, plain = scores(variables)
+    assert float(jnp.max(jnp.abs(rectified - plain))) > 1e-6
 
 
 def test_widths_scale_the_layers():
@@ -456,12 +670,15 @@ def test_batch_norm_train_and_eval_modes(small):
     # Eval mode treats samples independently; train mode normalises with batch statistics.
     np.testing.assert_allclose(evaluate(g_vars, z[:2], y[:2]), out_eval[:2], rtol=1e-5, atol=1e-6)
     assert not np.allclose(train(g_vars, z[:2], y[:2])[0], out_train[:2], atol=1e-3)
-    # Running statistics of block1's CBN use PyTorch's momentum 0.1 (biased batch variance),
-    # from mean 0 and var 1; its input is the SN dense output.
+    # Running statistics of block1's CBN as PyTorch's BatchNorm2d: momentum 0.1 from mean 0 and
+    # var 1, the *unbiased* batch variance (n = B*4*4 = 64, a factor 64/63 that the 1e-5 rtol
+    # resolves); its input is the SN dense output.
     h = upd["intermediates"]["dense_sn"]["__call__"][0].reshape(BATCH, 4, 4, 8)
     bn = upd["batch_stats"]["block1"]["bn1"]["bn"]
     np.testing.assert_allclose(bn["mean"], 0.1 * h.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(bn["var"], 0.9 + 0.1 * h.var(axis=(0, 1, 2)), rtol=1e-5)
+    unbiased = np.var(np.asarray(h, np.float64), axis=(0, 1, 2), ddof=1)
+    np.testing.assert_allclose(bn["var"], 0.9 + 0.1 * unbiased, rtol=1e-5)
+    assert not np.allclose(bn["var"], 0.9 + 0.1 * h.var(axis=(0, 1, 2)), rtol=1e-5)
 
 
 def _sn_numpy(kernel: np.ndarray, u: np.ndarray, eps: float = 1e-12) -> np.ndarray:

@@ -44,12 +44,13 @@ def _conv(c_in: int, c_out: int, k: int) -> int:
 # Full-size architectures, traced only.
 # ------------------------------------------------------------------------------------------
 
-# Parameter counts by hand from shared/reference/sngan_torch.py (sngan32) and from the authors'
-# resnet.48 layout (sngan48); conv = c_in*c_out*k*k + c_out (bias), BN = 2*C (scale, bias).
+# Parameter counts by hand from the authors' lottery SNGAN (sngan32; shared/reference's
+# sngan_torch.py has the same layers plus a head bias) and their resnet.48 (sngan48, whose D head
+# has a bias); conv = c_in*c_out*k*k + c_out (bias), BN = 2*C (scale, bias).
 SNGAN32_G = 4_276_739
-SNGAN32_D = 1_053_824  # sngan_torch.py: 1_053_825; its head has a bias, SPEC's has none
+SNGAN32_D = 1_053_824  # lottery: l5 = Linear(128, 1, bias=False)
 SNGAN48_G = 4_878_083
-SNGAN48_D = 19_542_720
+SNGAN48_D = 19_542_721  # resnet.48: ... + Linear(1024, 1) with bias
 
 
 def _g_block(c_in: int, c_out: int) -> int:
@@ -84,12 +85,13 @@ def test_hand_counts_add_up():
     g48 = [_g_block(512, 256), _g_block(256, 128), _g_block(128, 64)]
     assert g48 == [1_902_848, 476_288, 119_360]
     assert 2_377_728 + sum(g48) + 128 + 1_731 == SNGAN48_G
-    # sngan48 D: optimized 3 -> 64, down blocks 64 -> 128 -> 256 -> 512 -> 1024, head 1024 -> 1.
+    # sngan48 D: optimized 3 -> 64, down blocks 64 -> 128 -> 256 -> 512 -> 1024, head 1024 -> 1
+    # with a bias.
     widths = [(64, 128), (128, 256), (256, 512), (512, 1024)]
     d48 = [_d_block(c_in, c_out, True) for c_in, c_out in widths]
     assert d48 == [229_760, 918_272, 3_671_552, 14_683_136]
     assert _conv(3, 64, 3) + _conv(64, 64, 3) + _conv(3, 64, 1) == 38_976
-    assert 38_976 + sum(d48) + 1024 == SNGAN48_D
+    assert 38_976 + sum(d48) + 1024 + 1 == SNGAN48_D
 
 
 @pytest.mark.parametrize(
@@ -274,13 +276,14 @@ def test_batch_norm_train_and_eval_modes(small):
     np.testing.assert_allclose(evaluate(g_vars, z[:2])[0], out_eval[:2], rtol=1e-5, atol=1e-6)
     assert not np.allclose(train(g_vars, z[:2])[0], out_train[:2], atol=1e-3)
 
-    # Running statistics use PyTorch's momentum 0.1 (biased batch variance):
-    # new = 0.9 * old + 0.1 * batch statistic, from mean 0 and var 1.
+    # Running statistics as PyTorch keeps them: momentum 0.1 and the UNBIASED batch variance
+    # (n / (n - 1) times the biased one, n = B*H*W): new = 0.9 * old + 0.1 * batch statistic,
+    # from mean 0 and var 1.
     dense = g_vars["params"]["dense"]
     h = (z @ dense["kernel"] + dense["bias"]).reshape(BATCH, 4, 4, 8)  # input of block1/bn1
     bn1 = upd["batch_stats"]["block1"]["bn1"]
     np.testing.assert_allclose(bn1["mean"], 0.1 * h.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(bn1["var"], 0.9 + 0.1 * h.var(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(bn1["var"], 0.9 + 0.1 * h.var(axis=(0, 1, 2), ddof=1), rtol=1e-5)
 
 
 def test_gradients_reach_every_kernel(small):
@@ -313,20 +316,33 @@ def test_mean_pool_is_sum_pool_over_spatial_size(small):
     np.testing.assert_allclose(scores[1] * 4 * 4, scores[0], rtol=1e-5, atol=1e-6)  # 4x4 maps
 
 
-def test_small_modules_use_xavier_init_and_zero_biases(small):
+def test_small_modules_use_pytorch_default_init(small):
+    # Default scheme "torch": kernels and biases U(+-1/sqrt(fan_in)), fan_in of the kernel.
     g_vars, d_vars, _, _ = small
     for params in (g_vars["params"], d_vars["params"]):
-        for path, leaf in _leaves_by_path(params).items():
-            if path.endswith("/bias") and "bn" not in path:
-                assert not np.any(np.asarray(leaf)), path
-            if path.endswith("/kernel"):
-                receptive = math.prod(leaf.shape[:-2])
-                fan_in, fan_out = receptive * leaf.shape[-2], receptive * leaf.shape[-1]
-                # Residual 3x3 convs gain sqrt(2); shortcuts, dense and output layers gain 1.
-                gain = math.sqrt(2.0) if "/conv1/" in path or "/conv2/" in path else 1.0
-                limit = gain * math.sqrt(6.0 / (fan_in + fan_out))
-                assert float(jnp.max(jnp.abs(leaf))) <= limit, path
-                assert float(jnp.max(jnp.abs(leaf))) > 0.5 * limit, path
+        leaves = _leaves_by_path(params)
+        for path, leaf in leaves.items():
+            if not path.endswith("/kernel"):
+                continue
+            limit = 1.0 / math.sqrt(math.prod(leaf.shape[:-1]))
+            assert 0.5 * limit < float(jnp.max(jnp.abs(leaf))) <= limit, path
+            bias = leaves.get(path[: -len("kernel")] + "bias")
+            if bias is not None:
+                assert float(jnp.max(jnp.abs(bias))) <= limit and np.any(np.asarray(bias)), path
+        for path, leaf in leaves.items():  # BatchNorm: scale 1, offset 0
+            if "/bn" in path:
+                assert np.all(np.asarray(leaf) == (1.0 if path.endswith("scale") else 0.0))
+
+
+def test_xavier_and_kaiming_schemes_zero_the_biases():
+    for scheme in ("xavier", "kaiming"):
+        G, D = build_models("sngan32", g_ch=8, d_ch=8, init_scheme=scheme)
+        g = G.init(_key(0), jnp.zeros((1, 128)), train=False)["params"]
+        d = D.init(_key(1), jnp.zeros((1, 32, 32, 3)))["params"]
+        for params in (g, d):
+            for path, leaf in _leaves_by_path(params).items():
+                if path.endswith("/bias") and "bn" not in path:
+                    assert not np.any(np.asarray(leaf)), (scheme, path)
 
 
 def test_kernel_init_schemes():
@@ -337,10 +353,14 @@ def test_kernel_init_schemes():
                 kernel_init("xavier", residual=True)(key, shape),
                 kernel_init("xavier", residual=False)(key, shape),
                 kernel_init("kaiming", residual=True)(key, shape),
+                kernel_init("torch", residual=True)(key, shape),
             ]
         )
     )(_key(3))
-    xavier_res, xavier, kaiming = np.asarray(draw)
+    xavier_res, xavier, kaiming, torch_default = np.asarray(draw)
+    # PyTorch's reset_parameters: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
+    assert np.abs(torch_default).max() <= 1 / math.sqrt(288)
+    np.testing.assert_allclose(torch_default.std(), 1 / math.sqrt(3 * 288), rtol=0.03)
     limit = math.sqrt(6.0 / (288 + 576))  # Glorot uniform bound, gain 1
     assert np.abs(xavier).max() <= limit < np.abs(xavier_res).max() <= math.sqrt(2) * limit
     np.testing.assert_allclose(xavier.std(), limit / math.sqrt(3), rtol=0.03)

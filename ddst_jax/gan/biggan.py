@@ -1,18 +1,40 @@
 """Class-conditional BigGAN generators and projection discriminators (Brock et al., 2019), NHWC.
 
-One generic implementation covers both BigGAN benchmarks of the paper (SPEC section 7), with the
-layouts of the authors' public code:
+One generic implementation covers both BigGAN benchmarks of the paper (SPEC section 7). With
+default arguments, ``build_biggan`` gives the models that the authors' code (ADAPT) builds for
+``--model biggan.32`` and ``--model biggan.64``, layer for layer, including initialisation:
 
-  * ``biggan32`` (CIFAR-10, 10 classes): the BigGAN-PyTorch CIFAR model. G: z (128) -> SN dense
-    4x4x256 -> 3 up-blocks of 256 channels whose conditional BatchNorm gains and offsets are
-    per-class tables -> BN, ReLU, SN 3x3 conv, tanh. D: 256-channel blocks (optimized down, down,
-    no-down, no-down: 32 -> 16 -> 8 -> 8 -> 8), ReLU, global sum pool, SN dense to 1, plus the
-    projection term.
-  * ``biggan64`` (TinyImageNet, 200 classes): the StudioGAN BigGAN at 64x64. G: z (100) split in
-    5 chunks; chunk 0 -> SN dense 4x4x1280; up-blocks 1280 -> 640 -> 320 -> 160 -> 80 whose
-    conditional BN reads [shared class embedding (128), chunk i] through bias-free SN linear maps;
-    self-attention after block 3 (32x32). D: 80 -> 160 -> 320 -> 640 (down) -> 1280 (no down),
-    self-attention after block 1, projection head.
+  * ``biggan32`` (CIFAR-10, 10 classes): ADAPT's ``Generator32`` / ``Discriminator32``
+    (``sparselearning/backbones/biggan.py``, BigGAN-PyTorch's CIFAR layout, ch 64 x 4). G: z (128)
+    -> SN dense 4x4x256 -> 3 up-blocks of 256 channels whose conditional BatchNorm gains and
+    offsets are per-class tables (no SN) -> BN, ReLU, SN 3x3 conv, tanh. D: 256-channel blocks
+    (optimized down, down, no-down, no-down: 32 -> 16 -> 8 -> 8 -> 8; the last two with identity
+    shortcuts), ReLU, global sum pool, SN dense to 1, plus the SN projection term. Spectral norm
+    eps 1e-12 everywhere (G's convs and dense and D's projection embedding: ``biggan.py``'s
+    ``sn``; D's convs and classifier: ``main.py``'s ``add_sn``, PyTorch's default eps; no layer
+    is normalised twice), BatchNorm eps 1e-5. Init ``"res32"``: every conv/linear weight and
+    every embedding N(0, 0.02), biases left at PyTorch's default U(+-1/sqrt(fan_in)).
+  * ``biggan64`` (TinyImageNet, 200 classes): ADAPT's copy of StudioGAN's ``big_resnet`` at
+    64x64. G: z (100) split in 5 chunks of 20; chunk 0 -> SN dense 4x4x1280; up-blocks
+    1280 -> 640 -> 320 -> 160 -> 80 whose conditional BN reads [shared class embedding (128, no
+    SN), chunk i] through bias-free SN linear maps; SN self-attention after block 3 (32x32). D:
+    80 -> 160 -> 320 -> 640 (down) -> 1280 (no down, learned shortcut), SN self-attention after
+    block 1, global sum pool, SN dense to 1 plus the SN projection term. The shortcuts of D's
+    blocks 2-5 read ReLU(x), not x: StudioGAN's in-place ReLU rewrites the tensor the shortcut
+    holds (``DBlock.relu_shortcut``); the residual-path order is unchanged. Spectral norm eps 1e-6,
+    BatchNorm eps 1e-4. Init ``"ortho"``: every conv/linear weight and every embedding
+    orthogonal, biases zero.
+
+In both, every block conv, the 1x1 shortcuts, G's input dense and output conv and D's classifier
+have biases; attention convs and the CBN linear maps have none. BatchNorm momentum is PyTorch's
+0.1, the conditional BNs have no affine parameters (gain ``1 + g``), G's last BN has them, and
+running variances follow PyTorch's unbiased convention (``layers.BatchNorm``). The other init
+schemes (``"n02"``: N(0, 0.02) with zero biases; ``"torch"``: PyTorch's defaults throughout)
+are options of ``build_biggan``. The one layout difference is G's input dense layer: its output
+is read as (4, 4, C) here and as (C, 4, 4) in PyTorch, a fixed permutation of its units that
+leaves the i.i.d. / orthogonal init distribution and spectral norm unchanged. Checked once
+against the reference modules (PyTorch, weights copied in, at full size): G's images in train
+and eval mode, BN running statistics and D's scores agree to float32 rounding (~1e-5).
 
 Conventions (as ``ddst_jax.gan.models``):
   * ``Generator.__call__(z (B, z_dim), y (B,) int, train) -> (B, S, S, 3)`` in [-1, 1];
@@ -35,8 +57,10 @@ Maskable (SPEC section 1; ``ddst_jax.sparsity.default_is_maskable`` selects this
 and dense ``kernel`` except D's unconditional head ``classifier`` and the conditional-BN gain and
 offset maps (modules ``gain_embed`` / ``bias_embed``). The authors' masking code drops every
 parameter whose name contains ``gain``, ``bias`` or ``classifier`` and every ``nn.Embedding``,
-which removes exactly these; ``maskable_including_cbn`` is the predicate that masks the CBN maps
-too (they are dense kernels in ``biggan64``).
+which removes these (in ``biggan.64`` their D head is named ``linear1``, which the name filter
+does not catch, and the attention gate is a maskable 1-element parameter there; ERK's density
+cap leaves both dense in the initial masks). ``maskable_including_cbn`` is the predicate that
+masks the CBN maps too (they are dense kernels in ``biggan64``).
 
 Typical use::
 
@@ -62,13 +86,13 @@ import numpy as np
 from flax.typing import Dtype
 
 from ddst_jax.gan import conv
-from ddst_jax.gan.layers import SpectralNorm
+from ddst_jax.gan.layers import BatchNorm, SpectralNorm
 from ddst_jax.gan.models import avg_pool2, compute_dtype_of, upsample_nearest
 from ddst_jax.sparsity.masks import default_is_maskable, key_name
 
-InitScheme = Literal["ortho", "n02"]
+InitScheme = Literal["ortho", "n02", "res32", "torch"]
 
-_INIT_SCHEMES = ("ortho", "n02")
+_INIT_SCHEMES = ("ortho", "n02", "res32", "torch")
 # PyTorch BatchNorm2d momentum 0.1 on the new batch statistic.
 _BN_MOMENTUM = 0.9
 #: Module names of the conditional-BN gain/offset maps (per-class tables or SN linear maps).
@@ -76,21 +100,60 @@ CBN_MODULE_NAMES: tuple[str, ...] = ("gain_embed", "bias_embed")
 
 
 def weight_init(scheme: InitScheme) -> jax.nn.initializers.Initializer:
-    """Initializer of conv/dense kernels and embedding tables.
+    """Initializer of conv/dense kernels (and, except under ``"torch"``, of class embeddings).
 
     Args:
-      scheme: ``"ortho"`` (BigGAN's and StudioGAN's default): a (semi-)orthogonal matrix once the
-        weight is read as ``(-1, out)``, gain 1, as ``torch.nn.init.orthogonal_`` on the
-        ``(out, -1)`` PyTorch weight. ``"n02"``: N(0, 0.02), what the authors' ``biggan.32``
-        and the BigGAN-PyTorch CIFAR script use.
+      scheme: ``"ortho"`` (StudioGAN's ``init_weights(..., "ortho")``, the authors'
+        ``biggan.64``): a (semi-)orthogonal matrix once the weight is read as ``(-1, out)``,
+        gain 1, as ``torch.nn.init.orthogonal_`` on the ``(out, -1)`` PyTorch weight.
+        ``"n02"`` (StudioGAN's ``"N02"``) and ``"res32"`` (the authors' ``res32_weights_init``,
+        ``biggan.32``): N(0, 0.02). ``"torch"``: PyTorch's own default for ``nn.Conv2d`` /
+        ``nn.Linear``, ``kaiming_uniform_(a=sqrt(5))`` = U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+        fan_in = in_features * kh * kw.
 
     Returns:
-      A Flax initializer. Biases always start at zero.
+      A Flax initializer. Biases: see ``bias_init``; embeddings: ``embedding_init``.
     """
     if scheme == "ortho":
         return nn.initializers.orthogonal()
-    if scheme == "n02":
+    if scheme in ("n02", "res32"):
         return nn.initializers.normal(0.02)
+    if scheme == "torch":
+        # Var of U(-b, b) is b^2 / 3; b = 1 / sqrt(fan_in) is variance scale 1/3 on fan_in.
+        return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    raise ValueError(f"Unknown init scheme {scheme!r}; use one of {_INIT_SCHEMES}.")
+
+
+def embedding_init(scheme: InitScheme) -> jax.nn.initializers.Initializer:
+    """Initializer of class-embedding tables (G's shared embedding and CBN tables, D's ``embed_y``).
+
+    ``weight_init(scheme)`` for ``"ortho"``, ``"n02"`` and ``"res32"`` (their reference code
+    re-initialises ``nn.Embedding`` weights like the conv/linear ones); N(0, 1), PyTorch's
+    ``nn.Embedding`` default, for ``"torch"``.
+    """
+    if scheme == "torch":
+        return nn.initializers.normal(1.0)
+    return weight_init(scheme)
+
+
+def bias_init(scheme: InitScheme, fan_in: int) -> jax.nn.initializers.Initializer:
+    """Initializer of the bias of a conv/dense layer whose weight has ``fan_in`` inputs per unit.
+
+    ``"ortho"`` and ``"n02"``: zeros (StudioGAN's ``init_weights`` fills biases with 0).
+    ``"res32"`` and ``"torch"``: PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in =
+    in_features * kh * kw; the authors' ``res32_weights_init`` leaves biases at this default.
+    """
+    if scheme in ("ortho", "n02"):
+        return nn.initializers.zeros_init()
+    if scheme in ("res32", "torch"):
+        if int(fan_in) != fan_in or fan_in < 1:
+            raise ValueError(f"bias_init needs a positive fan_in, got {fan_in!r}.")
+        bound = 1.0 / float(np.sqrt(fan_in))
+
+        def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+        return init
     raise ValueError(f"Unknown init scheme {scheme!r}; use one of {_INIT_SCHEMES}.")
 
 
@@ -111,16 +174,27 @@ def _sn(layer: nn.Module, x: jax.Array, update_stats: bool, epsilon: float) -> j
     return wrapper(x, update_stats=update_stats)
 
 
-def _conv(features: int, size: int, scheme: InitScheme, *, name: str, bias: bool = True,
-          dtype: Dtype = jnp.float32) -> nn.Conv:
+def _conv(features: int, size: int, scheme: InitScheme, *, in_features: int, name: str,
+          bias: bool = True, dtype: Dtype = jnp.float32) -> nn.Conv:
     """A size x size, stride-1, SAME-padded convolution (PyTorch padding size // 2).
 
+    ``in_features`` (the input channels) sets the bias init's fan_in, ``in_features * size**2``.
     ``conv.conv_general_dilated`` computes the same convolution with GEMM gradients on CPU.
     ``dtype`` is the computation dtype; the kernel and bias are stored float32.
     """
     return nn.Conv(
-        features, (size, size), use_bias=bias, kernel_init=weight_init(scheme), name=name,
+        features, (size, size), use_bias=bias, kernel_init=weight_init(scheme),
+        bias_init=bias_init(scheme, in_features * size * size), name=name,
         conv_general_dilated=conv.conv_general_dilated, dtype=dtype,
+    )
+
+
+def _dense(features: int, scheme: InitScheme, *, in_features: int, name: str,
+           bias: bool = True, dtype: Dtype = jnp.float32) -> nn.Dense:
+    """A dense layer with the scheme's kernel init and a bias init of fan_in ``in_features``."""
+    return nn.Dense(
+        features, use_bias=bias, kernel_init=weight_init(scheme),
+        bias_init=bias_init(scheme, in_features), name=name, dtype=dtype,
     )
 
 
@@ -162,6 +236,9 @@ def _check_attention(what: str, after: int | None, widths: Sequence[int]) -> Non
 class ConditionalBatchNorm(nn.Module):
     """BatchNorm without affine parameters, then a per-sample gain ``1 + g`` and offset ``b``.
 
+    The BatchNorm is ``layers.BatchNorm`` (PyTorch's running-variance convention), momentum 0.1
+    in PyTorch's terms.
+
     ``(g, b)`` come from per-class tables (``num_classes`` set; ``cond`` is labels (B,)) or from
     bias-free SN linear maps of a conditioning vector (``num_classes=None``; ``cond`` is
     (B, D), BigGAN's [shared embedding, z chunk]). ``1 + g`` (BigGAN) keeps the layer a plain BN
@@ -177,7 +254,7 @@ class ConditionalBatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
         features = x.shape[-1]
-        h = nn.BatchNorm(
+        h = BatchNorm(
             use_running_average=not train,
             momentum=_BN_MOMENTUM,
             epsilon=self.bn_epsilon,
@@ -186,14 +263,14 @@ class ConditionalBatchNorm(nn.Module):
             name="bn",
             dtype=self.dtype,
         )(x)
-        init = weight_init(self.init_scheme)
         if self.num_classes is None:
-            dense = functools.partial(nn.Dense, features, use_bias=False, kernel_init=init,
-                                      dtype=self.dtype)
+            dense = functools.partial(_dense, features, self.init_scheme, bias=False,
+                                      in_features=cond.shape[-1], dtype=self.dtype)
             gain = _sn(dense(name="gain_embed"), cond, train, self.sn_epsilon)
             bias = _sn(dense(name="bias_embed"), cond, train, self.sn_epsilon)
         else:
-            embed = functools.partial(nn.Embed, self.num_classes, features, embedding_init=init,
+            embed = functools.partial(nn.Embed, self.num_classes, features,
+                                      embedding_init=embedding_init(self.init_scheme),
                                       dtype=self.dtype)
             gain, bias = embed(name="gain_embed")(cond), embed(name="bias_embed")(cond)
         return h * (1.0 + gain[:, None, None, :]) + bias[:, None, None, :]
@@ -217,15 +294,17 @@ class SelfAttention(nn.Module):
         conv = functools.partial(_conv, size=1, scheme=self.init_scheme, bias=False,
                                  dtype=self.dtype)
         sn = functools.partial(_sn, update_stats=update_stats, epsilon=self.sn_epsilon)
-        query = sn(conv(c // 8, name="query"), x).reshape(b, h * w, c // 8)
-        key = max_pool2(sn(conv(c // 8, name="key"), x)).reshape(b, h * w // 4, c // 8)
-        value = max_pool2(sn(conv(c // 2, name="value"), x)).reshape(b, h * w // 4, c // 2)
+        query = sn(conv(c // 8, in_features=c, name="query"), x).reshape(b, h * w, c // 8)
+        key = sn(conv(c // 8, in_features=c, name="key"), x)
+        key = max_pool2(key).reshape(b, h * w // 4, c // 8)
+        value = sn(conv(c // 2, in_features=c, name="value"), x)
+        value = max_pool2(value).reshape(b, h * w // 4, c // 2)
         # Logits and softmax in float32 (no-ops under float32): the exp of bfloat16 logits
         # loses most of their precision.
         logits = jnp.einsum("bqc,bkc->bqk", query, key, preferred_element_type=jnp.float32)
         attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bqk,bkc->bqc", attn, value).reshape(b, h, w, c // 2)
-        out = sn(conv(c, name="out"), out)
+        out = sn(conv(c, in_features=c // 2, name="out"), out)
         gamma = self.param("gamma", nn.initializers.zeros_init(), (), jnp.float32)
         # gamma is a float32 param; cast it so that it does not promote the activations.
         return x + gamma.astype(self.dtype) * out
@@ -263,11 +342,12 @@ class GBlock(nn.Module):
         )
         conv = functools.partial(_conv, self.features, scheme=self.init_scheme, dtype=self.dtype)
         sn = functools.partial(_sn, update_stats=train, epsilon=self.sn_epsilon)
+        c_in = x.shape[-1]
         h = upsample_nearest(nn.relu(cbn(name="bn1")(x, cond, train)))
-        h = sn(conv(3, name="conv1"), h)
+        h = sn(conv(3, in_features=c_in, name="conv1"), h)
         h = nn.relu(cbn(name="bn2")(h, cond, train))
-        h = sn(conv(3, name="conv2"), h)
-        return h + sn(conv(1, name="shortcut"), upsample_nearest(x))
+        h = sn(conv(3, in_features=self.features, name="conv2"), h)
+        return h + sn(conv(1, in_features=c_in, name="shortcut"), upsample_nearest(x))
 
 
 class Generator(nn.Module):
@@ -286,7 +366,7 @@ class Generator(nn.Module):
       shared_dim: width of the shared class embedding; 0 for per-class CBN tables.
       attention_after: 1-based index of the block followed by self-attention; None for none.
       bottom_width: spatial size after the input dense layer.
-      init_scheme: see ``weight_init``.
+      init_scheme: see ``weight_init``, ``bias_init`` and ``embedding_init``.
       bn_epsilon: BatchNorm epsilon (PyTorch default 1e-5; StudioGAN 1e-4).
       sn_epsilon: spectral-norm epsilon (PyTorch default 1e-12; StudioGAN 1e-6).
       dtype: computation dtype (float32 or bfloat16); params, statistics and images float32.
@@ -344,14 +424,13 @@ class Generator(nn.Module):
             )
         batch = z.shape[0]
         _check_labels(y, batch, self.num_classes)
-        init = weight_init(self.init_scheme)
         sn = functools.partial(_sn, update_stats=train, epsilon=self.sn_epsilon)
 
         if self.shared_dim:
             z_in, *z_chunks = jnp.split(z, self.num_blocks + 1, axis=-1)
             shared = nn.Embed(
-                self.num_classes, self.shared_dim, embedding_init=init, name="embed_shared",
-                dtype=self.dtype,
+                self.num_classes, self.shared_dim, embedding_init=embedding_init(self.init_scheme),
+                name="embed_shared", dtype=self.dtype,
             )(y)
             conds = [jnp.concatenate([shared, chunk], axis=-1) for chunk in z_chunks]
             cbn_classes = None
@@ -359,8 +438,9 @@ class Generator(nn.Module):
             z_in, conds, cbn_classes = z, [y] * self.num_blocks, self.num_classes
 
         width, c0 = self.bottom_width, self.channels[0]
-        h = sn(nn.Dense(width * width * c0, kernel_init=init, name="dense", dtype=self.dtype),
-               z_in)
+        dense = _dense(width * width * c0, self.init_scheme, in_features=z_in.shape[-1],
+                       name="dense", dtype=self.dtype)
+        h = sn(dense, z_in)
         h = h.reshape(batch, width, width, c0)
         for i, (features, cond) in enumerate(zip(self.channels[1:], conds, strict=True), 1):
             h = GBlock(
@@ -375,14 +455,16 @@ class Generator(nn.Module):
             if i == self.attention_after:
                 h = SelfAttention(self.init_scheme, self.sn_epsilon, dtype=self.dtype,
                                   name="attention")(h, train)
-        h = nn.BatchNorm(
+        h = BatchNorm(
             use_running_average=not train,
             momentum=_BN_MOMENTUM,
             epsilon=self.bn_epsilon,
             name="bn_out",
             dtype=self.dtype,
         )(h)
-        h = sn(_conv(3, 3, self.init_scheme, name="conv_out", dtype=self.dtype), nn.relu(h))
+        conv_out = _conv(3, 3, self.init_scheme, in_features=h.shape[-1], name="conv_out",
+                         dtype=self.dtype)
+        h = sn(conv_out, nn.relu(h))
         # float32 out (a no-op under float32): losses, BR and FID never see bfloat16 pixels.
         return jnp.tanh(h.astype(jnp.float32))
 
@@ -398,11 +480,17 @@ class DBlock(nn.Module):
     Residual: [ReLU], SN 3x3 conv, ReLU, SN 3x3 conv, [avg-pool]. Shortcut: SN 1x1 conv then
     [avg-pool] when the shape changes, identity otherwise. ``optimized`` (the first block, which
     sees the image): no leading ReLU and the shortcut pools *before* its conv, as in BigGAN.
+
+    ``relu_shortcut`` (not for the optimized block): the shortcut reads ReLU(x) instead of x.
+    StudioGAN's ``DiscBlock`` (the authors' ``biggan.64`` D) computes this without meaning to:
+    its leading ``nn.ReLU(inplace=True)`` overwrites the tensor that the shortcut branch kept
+    a reference to, so its 1x1 conv (or identity) sees the rectified input.
     """
 
     features: int
     downsample: bool
     optimized: bool = False
+    relu_shortcut: bool = False
     init_scheme: InitScheme = "ortho"
     sn_epsilon: float = 1e-12
     dtype: Dtype = jnp.float32  # computation dtype (params stay float32)
@@ -411,15 +499,16 @@ class DBlock(nn.Module):
     def __call__(self, x: jax.Array, update_stats: bool) -> jax.Array:
         conv = functools.partial(_conv, self.features, scheme=self.init_scheme, dtype=self.dtype)
         sn = functools.partial(_sn, update_stats=update_stats, epsilon=self.sn_epsilon)
-        h = sn(conv(3, name="conv1"), x if self.optimized else nn.relu(x))
-        h = sn(conv(3, name="conv2"), nn.relu(h))
+        c_in = x.shape[-1]
+        h = sn(conv(3, in_features=c_in, name="conv1"), x if self.optimized else nn.relu(x))
+        h = sn(conv(3, in_features=self.features, name="conv2"), nn.relu(h))
         if self.downsample:
             h = avg_pool2(h)
         if self.optimized:
-            return h + sn(conv(1, name="shortcut"), avg_pool2(x))
-        shortcut = x
-        if self.downsample or x.shape[-1] != self.features:
-            shortcut = sn(conv(1, name="shortcut"), x)
+            return h + sn(conv(1, in_features=c_in, name="shortcut"), avg_pool2(x))
+        shortcut = nn.relu(x) if self.relu_shortcut else x
+        if self.downsample or c_in != self.features:
+            shortcut = sn(conv(1, in_features=c_in, name="shortcut"), shortcut)
             if self.downsample:
                 shortcut = avg_pool2(shortcut)
         return h + shortcut
@@ -438,7 +527,9 @@ class Discriminator(nn.Module):
       downsample: per block, whether it halves the resolution; ``downsample[0]`` must be True.
       num_classes: number of classes; labels lie in [0, num_classes).
       attention_after: 1-based index of the block followed by self-attention; None for none.
-      init_scheme: see ``weight_init``.
+      relu_shortcut: the blocks after the first feed ReLU(x) to their shortcut (StudioGAN's
+        in-place ReLU; see ``DBlock``).
+      init_scheme: see ``weight_init``, ``bias_init`` and ``embedding_init``.
       sn_epsilon: spectral-norm epsilon.
       dtype: computation dtype of the blocks (float32 or bfloat16); the pooling, classifier
         and projection run in float32 (negligible cost) and scores are float32.
@@ -448,6 +539,7 @@ class Discriminator(nn.Module):
     downsample: Sequence[bool]
     num_classes: int
     attention_after: int | None = None
+    relu_shortcut: bool = False
     init_scheme: InitScheme = "ortho"
     sn_epsilon: float = 1e-12
     dtype: Dtype = jnp.float32
@@ -483,7 +575,6 @@ class Discriminator(nn.Module):
                 f"{x.shape}."
             )
         _check_labels(y, x.shape[0], self.num_classes)
-        init = weight_init(self.init_scheme)
         sn = functools.partial(_sn, update_stats=update_stats, epsilon=self.sn_epsilon)
         h = x
         for i, (features, down) in enumerate(zip(self.channels, self.downsample, strict=True), 1):
@@ -491,6 +582,7 @@ class Discriminator(nn.Module):
                 features,
                 down,
                 optimized=i == 1,
+                relu_shortcut=self.relu_shortcut and i > 1,
                 init_scheme=self.init_scheme,
                 sn_epsilon=self.sn_epsilon,
                 dtype=self.dtype,
@@ -502,8 +594,11 @@ class Discriminator(nn.Module):
         # Pool and score in float32 (no-ops under float32): a bfloat16 sum over H*W positions
         # and bfloat16-rounded scores would feed their rounding straight into losses and BR.
         h = jnp.sum(nn.relu(h).astype(jnp.float32), axis=(1, 2))
-        score = sn(nn.Dense(1, kernel_init=init, name="classifier", dtype=jnp.float32), h)[:, 0]
-        embed = nn.Embed(self.num_classes, h.shape[-1], embedding_init=init, name="embed_y",
+        classifier = _dense(1, self.init_scheme, in_features=h.shape[-1], name="classifier",
+                            dtype=jnp.float32)
+        score = sn(classifier, h)[:, 0]
+        embed = nn.Embed(self.num_classes, h.shape[-1],
+                         embedding_init=embedding_init(self.init_scheme), name="embed_y",
                          dtype=jnp.float32)
         return score + jnp.sum(sn(embed, y) * h, axis=-1)
 
@@ -550,6 +645,8 @@ class _Architecture:
     d_min: int
     bn_epsilon: float
     sn_epsilon: float
+    init_scheme: InitScheme  # the reference code's init (see weight_init / bias_init)
+    d_relu_shortcut: bool  # D blocks after the first feed ReLU(x) to their shortcut
 
 
 _ARCHITECTURES: dict[str, _Architecture] = {
@@ -570,6 +667,8 @@ _ARCHITECTURES: dict[str, _Architecture] = {
         d_min=1,
         bn_epsilon=1e-5,
         sn_epsilon=1e-12,
+        init_scheme="res32",
+        d_relu_shortcut=False,  # ADAPT's DisBlock: nn.ReLU() not in place
     ),
     # StudioGAN big_resnet at 64x64 (the authors' biggan.64): ch 80, G x16 8 4 2 1 from 4x4,
     # D x1 2 4 8 16 with the last block not down-sampling (64 -> 32 -> 16 -> 8 -> 4 -> 4).
@@ -589,6 +688,8 @@ _ARCHITECTURES: dict[str, _Architecture] = {
         d_min=8,
         bn_epsilon=1e-4,
         sn_epsilon=1e-6,
+        init_scheme="ortho",
+        d_relu_shortcut=True,  # StudioGAN's DiscBlock: in-place ReLU aliases the shortcut input
     ),
 }
 
@@ -626,7 +727,7 @@ def build_biggan(
     g_ch: int | None = None,
     d_ch: int | None = None,
     z_dim: int | None = None,
-    init_scheme: InitScheme = "ortho",
+    init_scheme: InitScheme | None = None,
     compute_dtype: Dtype = jnp.float32,
 ) -> tuple[Generator, Discriminator]:
     """Builds the generator and discriminator of a named BigGAN benchmark architecture.
@@ -639,7 +740,9 @@ def build_biggan(
       d_ch: discriminator base width (``biggan32``: every block, default 256; ``biggan64``: the
         first block, 16 * d_ch at the last, default 80, at least 8). None: full size.
       z_dim: noise dimension (default 128 / 100; ``biggan64``: a multiple of 5).
-      init_scheme: kernel and embedding init of both networks, see ``weight_init``.
+      init_scheme: kernel, bias and embedding init of both networks, see ``weight_init``,
+        ``bias_init`` and ``embedding_init``. None (default): the reference code's,
+        ``"res32"`` for ``biggan32`` and ``"ortho"`` for ``biggan64``.
       compute_dtype: computation dtype of both networks (``jnp.float32`` or ``jnp.bfloat16``,
         or their names); params and statistics stay float32, see the module docstring.
 
@@ -651,6 +754,7 @@ def build_biggan(
     g_ch = _positive("g_ch", name, g_ch, arch.g_ch, arch.g_min)
     d_ch = _positive("d_ch", name, d_ch, arch.d_ch, arch.d_min)
     z_dim = _positive("z_dim", name, z_dim, arch.z_dim, 1)
+    init_scheme = arch.init_scheme if init_scheme is None else init_scheme
     dtype = compute_dtype_of(compute_dtype)
     generator = Generator(
         channels=arch.g_channels(g_ch),
@@ -668,6 +772,7 @@ def build_biggan(
         downsample=arch.d_downsample,
         num_classes=num_classes,
         attention_after=arch.d_attention,
+        relu_shortcut=arch.d_relu_shortcut,
         init_scheme=init_scheme,
         sn_epsilon=arch.sn_epsilon,
         dtype=dtype,

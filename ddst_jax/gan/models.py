@@ -2,13 +2,15 @@
 
 One generic implementation, parameterised by channel lists, covers both SNGAN benchmarks of the
 paper: ``sngan32`` (CIFAR-10, 32x32) and ``sngan48`` (STL-10, 48x48). ``build_models`` returns
-them at full size or at any width (tests use tiny ones).
+them at full size or at any width (tests use tiny ones), by default exactly as the authors' code
+builds them (initialisation, pooling and head bias per model; see ``build_models``).
 
 Variables:
   * ``params``: every convolution and dense weight is a leaf named ``kernel`` (the project's
     default maskable predicate selects exactly these), biases ``bias``, BatchNorm ``scale`` and
     ``bias``.
-  * ``batch_stats``: BatchNorm running ``mean``/``var`` of G, and the spectral-norm power-iteration
+  * ``batch_stats``: BatchNorm running ``mean``/``var`` of G (``var`` updated with the unbiased
+    batch variance, as PyTorch does; ``layers.BatchNorm``), and the spectral-norm power-iteration
     state of D (``u`` and ``sigma``, one pair per kernel, kept there by
     ``layers.SpectralNorm``, which keeps the raw initial weights in ``params`` as PyTorch does).
 
@@ -45,12 +47,12 @@ import jax.numpy as jnp
 from flax.typing import Dtype
 
 from ddst_jax.gan import conv
-from ddst_jax.gan.layers import SpectralNorm
+from ddst_jax.gan.layers import BatchNorm, SpectralNorm
 
-InitScheme = Literal["xavier", "kaiming"]
+InitScheme = Literal["torch", "kaiming", "xavier"]
 PoolMode = Literal["sum", "mean"]
 
-_INIT_SCHEMES = ("xavier", "kaiming")
+_INIT_SCHEMES = ("torch", "kaiming", "xavier")
 _POOL_MODES = ("sum", "mean")
 # PyTorch BatchNorm2d defaults (momentum 0.1 on the new batch statistic, eps 1e-5).
 _BN_MOMENTUM = 0.9
@@ -78,21 +80,38 @@ def kernel_init(scheme: InitScheme, *, residual: bool) -> jax.nn.initializers.In
     """Kernel initializer of a convolution or dense layer.
 
     Args:
-      scheme: ``"xavier"``: the SNGAN convention (Chainer SNGAN, Mimicry, pytorch-gan-collections):
-        Glorot uniform with gain sqrt(2) for the 3x3 convolutions inside residual branches and
-        gain 1 for shortcuts, the input dense and the output convolution. ``"kaiming"``: what the
-        authors' public code does (He normal, fan-in, gain sqrt(2), untruncated) for every layer.
+      scheme: ``"torch"``: PyTorch's default ``reset_parameters`` (kaiming-uniform with
+        a = sqrt(5)), U(-1/sqrt(fan_in), 1/sqrt(fan_in)); what the paper's CIFAR-10 model
+        (the authors' ``lottery`` SNGAN, which sets no init of its own) trains with.
+        ``"kaiming"``: He normal, fan-in, gain sqrt(2), untruncated; what the authors'
+        ``resnet.*`` models (their STL-10 model ``resnet.48``) set for every layer.
+        ``"xavier"``: the SNGAN convention (Chainer SNGAN, Mimicry): Glorot uniform with gain
+        sqrt(2) for the 3x3 convolutions inside residual branches and gain 1 elsewhere.
       residual: whether the layer sits on a residual branch (only matters for ``"xavier"``).
 
     Returns:
-      A Flax initializer. Biases are always initialised to zero.
+      A Flax initializer of kernels in Flax layout (fan_in = kh * kw * C_in, or the dense
+      input size). Biases: see ``bias_init``.
     """
+    if scheme == "torch":
+        return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    if scheme == "kaiming":
+        return nn.initializers.variance_scaling(2.0, "fan_in", "normal")
     if scheme == "xavier":
         gain = math.sqrt(2.0) if residual else 1.0
         return nn.initializers.variance_scaling(gain**2, "fan_avg", "uniform")
-    if scheme == "kaiming":
-        return nn.initializers.variance_scaling(2.0, "fan_in", "normal")
     raise ValueError(f"Unknown init scheme {scheme!r}; use one of {_INIT_SCHEMES}.")
+
+
+def bias_init(scheme: InitScheme, fan_in: int) -> jax.nn.initializers.Initializer:
+    """Bias initializer: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) under ``"torch"`` (PyTorch's
+    default, nonzero), zeros under ``"kaiming"`` and ``"xavier"`` (the reference code zeroes
+    them explicitly). ``fan_in`` is the layer's (kh * kw * C_in, or the dense input size)."""
+    if scheme == "torch":
+        bound = 1.0 / math.sqrt(fan_in)
+        return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+            key, shape, dtype, -bound, bound)
+    return nn.initializers.zeros
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -105,15 +124,17 @@ def avg_pool2(x: jax.Array) -> jax.Array:
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
-def _conv(features: int, size: int, scheme: InitScheme, *, residual: bool, name: str,
-          dtype: Dtype = jnp.float32) -> nn.Conv:
-    """A size x size, stride-1, SAME-padded convolution with bias and the scheme's kernel init.
+def _conv(features: int, size: int, scheme: InitScheme, *, in_features: int, residual: bool,
+          name: str, dtype: Dtype = jnp.float32) -> nn.Conv:
+    """A size x size, stride-1, SAME-padded convolution with bias and the scheme's init.
 
+    ``in_features`` (the input's channels) sets the bias init's fan-in.
     ``conv.conv_general_dilated`` computes the same convolution with GEMM gradients on CPU.
     ``dtype`` is the computation dtype; the kernel and bias are stored float32.
     """
     return nn.Conv(
-        features, (size, size), kernel_init=kernel_init(scheme, residual=residual), name=name,
+        features, (size, size), kernel_init=kernel_init(scheme, residual=residual),
+        bias_init=bias_init(scheme, size * size * in_features), name=name,
         conv_general_dilated=conv.conv_general_dilated, dtype=dtype,
     )
 
@@ -155,24 +176,26 @@ class GBlock(nn.Module):
     """
 
     features: int
-    init_scheme: InitScheme = "xavier"
+    init_scheme: InitScheme = "torch"
     dtype: Dtype = jnp.float32  # computation dtype (params stay float32)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         bn = functools.partial(
-            nn.BatchNorm,
+            BatchNorm,
             use_running_average=not train,
             momentum=_BN_MOMENTUM,
             epsilon=_BN_EPSILON,
             dtype=self.dtype,
         )
         conv = functools.partial(_conv, self.features, scheme=self.init_scheme, dtype=self.dtype)
+        c_in = x.shape[-1]
         h = upsample_nearest(nn.relu(bn(name="bn1")(x)))
-        h = conv(3, residual=True, name="conv1")(h)
+        h = conv(3, in_features=c_in, residual=True, name="conv1")(h)
         h = nn.relu(bn(name="bn2")(h))
-        h = conv(3, residual=True, name="conv2")(h)
-        return h + conv(1, residual=False, name="shortcut")(upsample_nearest(x))
+        h = conv(3, in_features=self.features, residual=True, name="conv2")(h)
+        shortcut = conv(1, in_features=c_in, residual=False, name="shortcut")
+        return h + shortcut(upsample_nearest(x))
 
 
 class Generator(nn.Module):
@@ -194,7 +217,7 @@ class Generator(nn.Module):
     channels: Sequence[int]
     bottom_width: int = 4
     z_dim: int = 128
-    init_scheme: InitScheme = "xavier"
+    init_scheme: InitScheme = "torch"
     dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
@@ -228,6 +251,7 @@ class Generator(nn.Module):
         h = nn.Dense(
             width * width * c0,
             kernel_init=kernel_init(self.init_scheme, residual=False),
+            bias_init=bias_init(self.init_scheme, self.z_dim),
             name="dense",
             dtype=self.dtype,
         )(z)
@@ -235,15 +259,15 @@ class Generator(nn.Module):
         for i, features in enumerate(self.channels[1:], start=1):
             h = GBlock(features, init_scheme=self.init_scheme, dtype=self.dtype,
                        name=f"block{i}")(h, train)
-        h = nn.BatchNorm(
+        h = BatchNorm(
             use_running_average=not train,
             momentum=_BN_MOMENTUM,
             epsilon=_BN_EPSILON,
             name="bn_out",
             dtype=self.dtype,
         )(h)
-        h = _conv(3, 3, self.init_scheme, residual=False, name="conv_out",
-                  dtype=self.dtype)(nn.relu(h))
+        h = _conv(3, 3, self.init_scheme, in_features=h.shape[-1], residual=False,
+                  name="conv_out", dtype=self.dtype)(nn.relu(h))
         # float32 out (a no-op under float32): losses, BR and FID never see bfloat16 pixels.
         return jnp.tanh(h.astype(jnp.float32))
 
@@ -261,16 +285,19 @@ class OptimizedDBlock(nn.Module):
     """
 
     features: int
-    init_scheme: InitScheme = "xavier"
+    init_scheme: InitScheme = "torch"
     dtype: Dtype = jnp.float32  # computation dtype (params stay float32)
 
     @nn.compact
     def __call__(self, x: jax.Array, update_stats: bool) -> jax.Array:
         conv = functools.partial(_conv, self.features, scheme=self.init_scheme, dtype=self.dtype)
-        h = _spectral_norm(conv(3, residual=True, name="conv1"), x, update_stats)
-        h = _spectral_norm(conv(3, residual=True, name="conv2"), nn.relu(h), update_stats)
+        c_in, c_out = x.shape[-1], self.features
+        h = _spectral_norm(conv(3, in_features=c_in, residual=True, name="conv1"), x,
+                           update_stats)
+        h = _spectral_norm(conv(3, in_features=c_out, residual=True, name="conv2"), nn.relu(h),
+                           update_stats)
         shortcut = _spectral_norm(
-            conv(1, residual=False, name="shortcut"), avg_pool2(x), update_stats
+            conv(1, in_features=c_in, residual=False, name="shortcut"), avg_pool2(x), update_stats
         )
         return avg_pool2(h) + shortcut
 
@@ -284,17 +311,21 @@ class DBlock(nn.Module):
 
     features: int
     downsample: bool
-    init_scheme: InitScheme = "xavier"
+    init_scheme: InitScheme = "torch"
     dtype: Dtype = jnp.float32  # computation dtype (params stay float32)
 
     @nn.compact
     def __call__(self, x: jax.Array, update_stats: bool) -> jax.Array:
         conv = functools.partial(_conv, self.features, scheme=self.init_scheme, dtype=self.dtype)
-        h = _spectral_norm(conv(3, residual=True, name="conv1"), nn.relu(x), update_stats)
-        h = _spectral_norm(conv(3, residual=True, name="conv2"), nn.relu(h), update_stats)
+        c_in, c_out = x.shape[-1], self.features
+        h = _spectral_norm(conv(3, in_features=c_in, residual=True, name="conv1"), nn.relu(x),
+                           update_stats)
+        h = _spectral_norm(conv(3, in_features=c_out, residual=True, name="conv2"), nn.relu(h),
+                           update_stats)
         shortcut = x
-        if self.downsample or x.shape[-1] != self.features:
-            shortcut = _spectral_norm(conv(1, residual=False, name="shortcut"), x, update_stats)
+        if self.downsample or c_in != c_out:
+            shortcut = _spectral_norm(conv(1, in_features=c_in, residual=False, name="shortcut"),
+                                      x, update_stats)
         if self.downsample:
             h, shortcut = avg_pool2(h), avg_pool2(shortcut)
         return h + shortcut
@@ -310,7 +341,8 @@ class Discriminator(nn.Module):
       channels: output width of each block.
       downsample: per block, whether it halves the resolution; the first (optimized) block always
         does, so ``downsample[0]`` must be True.
-      pool: ``"sum"`` (SNGAN) or ``"mean"`` (what the authors' public code does) over H, W.
+      pool: ``"sum"`` (SNGAN, the authors' ``lottery`` CIFAR-10 model) or ``"mean"`` (their
+        ``resnet.*`` models) over H, W.
       head_bias: whether the final dense layer has a bias.
       init_scheme: kernel init scheme, see ``kernel_init``.
       dtype: computation dtype of the blocks (float32 or bfloat16); the pooling and the head
@@ -321,7 +353,7 @@ class Discriminator(nn.Module):
     downsample: Sequence[bool]
     pool: PoolMode = "sum"
     head_bias: bool = False
-    init_scheme: InitScheme = "xavier"
+    init_scheme: InitScheme = "torch"
     dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
@@ -372,6 +404,7 @@ class Discriminator(nn.Module):
             1,
             use_bias=self.head_bias,
             kernel_init=kernel_init(scheme, residual=False),
+            bias_init=bias_init(scheme, h.shape[-1]),
             name="head",
             dtype=jnp.float32,
         )
@@ -396,10 +429,16 @@ class _Architecture:
     d_downsample: tuple[bool, ...]
     g_divisor: int  # g_ch must be a multiple of this (widths are halved down the network)
     d_divisor: int
+    # What the authors' code for this benchmark uses (the defaults of ``build_models``).
+    init_scheme: InitScheme
+    d_pool: PoolMode
+    d_head_bias: bool
 
 
 _ARCHITECTURES: dict[str, _Architecture] = {
     # CIFAR-10 SNGAN: G 256 ch everywhere (4 -> 8 -> 16 -> 32), D 128 ch (32 -> 16 -> 8 -> 8 -> 8).
+    # The authors' `lottery` SNGAN: PyTorch's default init (nonzero biases), sum pool, no head
+    # bias.
     "sngan32": _Architecture(
         image_size=32,
         bottom_width=4,
@@ -410,9 +449,13 @@ _ARCHITECTURES: dict[str, _Architecture] = {
         d_downsample=(True, True, False, False),
         g_divisor=1,
         d_divisor=1,
+        init_scheme="torch",
+        d_pool="sum",
+        d_head_bias=False,
     ),
     # STL-10 SNGAN as in the authors' code: G 512 -> 256 -> 128 -> 64 (6 -> 12 -> 24 -> 48);
     # D 64 -> 128 -> 256 -> 512 -> 1024, all five blocks down-sample (48 -> 24 -> ... -> 3 -> 1).
+    # Their `resnet.48`: He-normal init with zero biases everywhere, mean pool, head bias.
     "sngan48": _Architecture(
         image_size=48,
         bottom_width=6,
@@ -423,6 +466,9 @@ _ARCHITECTURES: dict[str, _Architecture] = {
         d_downsample=(True, True, True, True, True),
         g_divisor=8,
         d_divisor=16,
+        init_scheme="kaiming",
+        d_pool="mean",
+        d_head_bias=True,
     ),
 }
 
@@ -459,12 +505,16 @@ def build_models(
     z_dim: int = 128,
     g_ch: int | None = None,
     d_ch: int | None = None,
-    init_scheme: InitScheme = "xavier",
-    d_pool: PoolMode = "sum",
-    d_head_bias: bool = False,
+    init_scheme: InitScheme | None = None,
+    d_pool: PoolMode | None = None,
+    d_head_bias: bool | None = None,
     compute_dtype: Dtype = jnp.float32,
 ) -> tuple[Generator, Discriminator]:
     """Builds the generator and discriminator of a named benchmark architecture.
+
+    With the defaults, each model is the one the authors' code trains for that benchmark:
+    ``sngan32`` is their ``lottery`` SNGAN (PyTorch default init, sum pool, no head bias),
+    ``sngan48`` their ``resnet.48`` (He-normal init, zero biases, mean pool, head bias).
 
     Args:
       name: ``"sngan32"`` (CIFAR-10) or ``"sngan48"`` (STL-10).
@@ -473,9 +523,9 @@ def build_models(
         layer, halved per block, default 512). None: full size.
       d_ch: discriminator base width (``sngan32``: every block, default 128; ``sngan48``: the
         widest (last) block, d_ch/16 at the first, default 1024). None: full size.
-      init_scheme: kernel init scheme for both networks, see ``kernel_init``.
-      d_pool: D's global pooling, ``"sum"`` (SNGAN, the default) or ``"mean"`` (authors' code).
-      d_head_bias: whether D's final dense layer has a bias (the authors' code: True).
+      init_scheme: init scheme of both networks, see ``kernel_init``; None: the reference's.
+      d_pool: D's global pooling, ``"sum"`` or ``"mean"``; None: the reference's.
+      d_head_bias: whether D's final dense layer has a bias; None: the reference's.
       compute_dtype: computation dtype of both networks (``jnp.float32`` or ``jnp.bfloat16``,
         or their names); params and statistics stay float32, see the module docstring.
 
@@ -486,6 +536,9 @@ def build_models(
     g_ch = _base_width("g_ch", name, g_ch, arch.g_ch, arch.g_divisor)
     d_ch = _base_width("d_ch", name, d_ch, arch.d_ch, arch.d_divisor)
     dtype = compute_dtype_of(compute_dtype)
+    init_scheme = arch.init_scheme if init_scheme is None else init_scheme
+    d_pool = arch.d_pool if d_pool is None else d_pool
+    d_head_bias = arch.d_head_bias if d_head_bias is None else d_head_bias
     generator = Generator(
         channels=arch.g_channels(g_ch),
         bottom_width=arch.bottom_width,
