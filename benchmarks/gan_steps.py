@@ -1,6 +1,8 @@
 """One D step and one G step of full-size SNGAN-32, timed like ../shared/reference/sngan_torch.py.
 
-D step: hinge loss of D on B real + B fake images in one batch (forward + backward).
+D step: hinge loss of D on B real + B fake images in one batch (forward + backward), as the
+timing reference does; "D step 2fwd" scores them in two forwards (real, then fake, two power
+iterations), as the paper's training code and ddst_jax's default ``train.d_forward`` do.
 G step: G forward on B noise vectors, D forward, G hinge loss, backward to G's params.
 No optimizer update (the reference's Adam step is a small share). Each convolution
 implementation (``ddst_jax.gan.conv``: "xla" = ``lax.conv`` and its autodiff, "gemm" = GEMM
@@ -50,6 +52,16 @@ def make_steps(batch: int, g_ch: int, d_ch: int):
 
         return jax.value_and_grad(loss)(d_params)
 
+    def d_step_two_forwards(d_params):
+        def loss(p):
+            s_real, upd = D.apply({"params": p, "batch_stats": d_vars["batch_stats"]},
+                                  x[:batch], mutable=["batch_stats"])
+            s_fake, _ = D.apply({"params": p, "batch_stats": upd["batch_stats"]}, x[batch:],
+                                mutable=["batch_stats"])
+            return losses.d_hinge_loss(s_real, s_fake)
+
+        return jax.value_and_grad(loss)(d_params)
+
     def g_step(g_params):
         def loss(p):
             fake, _ = G.apply({"params": p, "batch_stats": g_vars["batch_stats"]}, z,
@@ -58,7 +70,9 @@ def make_steps(batch: int, g_ch: int, d_ch: int):
 
         return jax.value_and_grad(loss)(g_params)
 
-    return {"D step": (d_step, d_vars["params"]), "G step": (g_step, g_vars["params"])}
+    return {"D step": (d_step, d_vars["params"]),
+            "D step 2fwd": (d_step_two_forwards, d_vars["params"]),
+            "G step": (g_step, g_vars["params"])}
 
 
 def main(argv):
@@ -79,14 +93,14 @@ def main(argv):
     print(f"backend={jax.default_backend()} batch={_BATCH.value} G ch {_G_CH.value} / D ch "
           f"{_D_CH.value}, medians of {_REPS.value} interleaved rounds")
     first = _IMPLS.value[0]
-    print(f"{'step':<8} {'conv impl':<10} {'median ms':>10} {'vs ' + first:>9} "
+    print(f"{'step':<12} {'conv impl':<10} {'median ms':>10} {'vs ' + first:>9} "
           f"{'CPU ms':>8} {'vs ' + first:>9} {'compile s':>10}  all ms")
     for (name, impl), ts in times.items():
         med = statistics.median(ts)
         ratio = med / statistics.median(times[name, first])
         cpu_med = statistics.median(cpu[name, impl])
         cpu_ratio = cpu_med / statistics.median(cpu[name, first])
-        print(f"{name:<8} {impl:<10} {med * 1e3:>10.0f} {ratio:>9.2f} {cpu_med * 1e3:>8.0f} "
+        print(f"{name:<12} {impl:<10} {med * 1e3:>10.0f} {ratio:>9.2f} {cpu_med * 1e3:>8.0f} "
               f"{cpu_ratio:>9.2f} {compile_s[name, impl]:>10.1f}  {[round(t * 1e3) for t in ts]}",
               flush=True)
 

@@ -12,7 +12,7 @@ Rows (issue #6 targets):
   multiplications alone, ``apply_masks`` jitted on the full G and D trees times the number of
   times an ordinary iteration applies them (``apply_masks_per_iteration``).
 - ``BR`` (<= 3%): (iteration that measures BR - ordinary) / br_every. ``iso``: the BR forwards
-  (``steps._br_forwards``: G_post(z), D on it and on x_r, the ratio, the window push) alone.
+  (``steps.br_forwards``: G_post(z), D on it and on x_r, the ratio, the window push) alone.
 - ``G mask update`` (<= 1%): (iteration with G's drop-and-grow - the same without) / dT_G.
   ``iso``: ``steps._g_mask_update`` alone on the full tree (global RigL by default).
 - ``D decision`` (<= 1%): (iteration with D's density decision - the same without) / dT_D.
@@ -220,9 +220,10 @@ def isolated_pieces(bench: MethodBench, real: jax.Array, labels: jax.Array
     def br(state, real, labels, key):
         z = jax.random.normal(key, (setup.batch_g, setup.z_dim))
         y = steps.sample_labels(key, setup.batch_g, setup)
-        a, c = steps._br_forwards(setup, state.g_params, state.g_state, state.g_masks,
-                                  state.d_params, state.d_state, state.d_masks, z, y, real[-1],
-                                  labels[-1])
+        br = steps.br_forwards(setup, state.g_params, state.g_state, state.g_masks,
+                               state.d_params, state.d_state, state.d_masks, z, y, real[-1],
+                               labels[-1])
+        a, c = br.a_scores, br.c_scores
         # b = D(G_pre(z)) comes free with the G step's loss; a stand-in keeps the shapes.
         ratio = balance.balance_ratio(c, jnp.zeros_like(a), a, setup.br_eps)
         return ratio, balance.push(state.br_window, ratio)

@@ -125,14 +125,21 @@ def _stored(window: BRWindow) -> jax.Array:
     return jnp.arange(window.size) < jnp.minimum(window.count, window.size)
 
 
-def windowed_mean(window: BRWindow) -> jax.Array:
+def windowed_mean(window: BRWindow, *, ignore_nonfinite: bool = True) -> jax.Array:
     """Mean of the finite stored ratios (NaN if there is none).
+
+    ``ignore_nonfinite=False`` averages every stored ratio as ``np.mean`` does (what the paper's
+    code compares with the band): one inf makes the mean inf, a NaN (or +inf with -inf) NaN.
 
     >>> w = push(push(init_window(3), 0.25), float('nan'))
     >>> float(windowed_mean(w)), float(windowed_mean(push(w, 0.75)))
     (0.25, 0.5)
+    >>> float(windowed_mean(push(init_window(2), float('inf')), ignore_nonfinite=False))
+    inf
     """
-    use = _stored(window) & jnp.isfinite(window.ratios)
+    use = _stored(window)
+    if ignore_nonfinite:
+        use = use & jnp.isfinite(window.ratios)
     n = jnp.sum(use)
     total = jnp.sum(jnp.where(use, window.ratios, 0.0))
     return jnp.where(n > 0, total / jnp.maximum(n, 1), jnp.nan)

@@ -48,6 +48,8 @@ class TrainingDiverged(RuntimeError):
 
 
 DENSITY_LOG = "density_log.jsonl"
+#: ``config.reference_mode``: the paper's code with its defects fixed, or exactly.
+REFERENCE_MODES = ("fixed", "exact")
 
 
 # ----------------------------------------------------------------------------- config
@@ -79,10 +81,20 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
              f"use 'train' or 'eval', got {t.sample_bn_mode!r}.")
     for name in ("lr_g", "lr_d"):
         _require(t[name] > 0, f"train.{name}", f"must be positive, got {t[name]}.")
+    mode = config.get("reference_mode", "fixed")
+    _require(mode in REFERENCE_MODES, "reference_mode",
+             f"use one of {', '.join(map(repr, REFERENCE_MODES))}, got {mode!r}.")
+    _require(t.get("d_forward", "separate") in steps.D_FORWARDS, "train.d_forward",
+             f"use one of {', '.join(map(repr, steps.D_FORWARDS))}, got {t.get('d_forward')!r}.")
     try:
         size = registry.image_size(config.model.name)
     except ValueError as e:
         raise ValueError(f"config.model.name: {e}") from None
+    scheme = config.model.get("init_scheme", "reference")
+    schemes = registry.init_schemes(config.model.name)
+    _require(scheme == "reference" or scheme in schemes, "model.init_scheme",
+             f"use 'reference' (the authors' init for this model) or one of "
+             f"{', '.join(map(repr, schemes))}, got {scheme!r}.")
     dtype = config.model.get("compute_dtype", "float32")
     _require(dtype in registry.COMPUTE_DTYPES, "model.compute_dtype",
              f"use one of {', '.join(map(repr, registry.COMPUTE_DTYPES))}, got {dtype!r}.")
@@ -104,6 +116,13 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         balance.window_size(b.window, b.br_every)
     except ValueError as e:
         raise ValueError(f"config.balance: {e}") from None
+    every = config.control.d_update_every
+    if mode == "exact" and spec.d_control != "static" and every is not None:
+        # The paper's queue holds 101 ratios at a decision only when the decision iteration
+        # also measures BR; the exact mode's 101-entry window assumes it does.
+        _require(every % b.br_every == 0, "control.d_update_every",
+                 f"reference_mode='exact' needs a multiple of balance.br_every ({b.br_every}), "
+                 f"got {every}.")
     e = config.eval
     _require(e.every >= 0, "eval.every", f"must be >= 0 (0: no evaluation), got {e.every}.")
     if e.every:
@@ -132,12 +151,22 @@ def _adam(lr: float, config: ml_collections.ConfigDict) -> optax.GradientTransfo
 
 
 def build_setup(config: ml_collections.ConfigDict, spec: MethodSpec) -> steps.GanSetup:
-    """Models, optimizers, schedules and the D-density controller of a run."""
+    """Models, optimizers, schedules and the D-density controller of a run.
+
+    ``config.reference_mode="exact"`` turns on everything that reproduces the paper's code
+    where ddst_jax deliberately differs (docs/reference.md): train-mode BR forwards and
+    Bernoulli masks (``GanSetup.reference_exact``), a window of ``window // br_every + 1``
+    ratios with decisions from ``window // br_every`` on, no denominator guard, and the
+    controller's float arithmetic.
+    """
     pair = registry.build(config.model.name, z_dim=config.model.z_dim, g_ch=config.model.g_ch,
                           d_ch=config.model.d_ch, num_classes=config.model.get("num_classes"),
-                          compute_dtype=config.model.get("compute_dtype", "float32"))
+                          compute_dtype=config.model.get("compute_dtype", "float32"),
+                          init_scheme=config.model.get("init_scheme", "reference"))
     G, D, size = pair.generator, pair.discriminator, pair.image_size
     t, s, b = config.train, config.sparsity, config.balance
+    exact = config.get("reference_mode", "fixed") == "exact"
+    entries = balance.window_size(b.window, b.br_every)
     setup = steps.GanSetup(
         generator=G, discriminator=D, g_tx=_adam(t.lr_g, config), d_tx=_adam(t.lr_d, config),
         method=spec, z_dim=pair.z_dim, image_shape=(size, size, 3),
@@ -145,8 +174,9 @@ def build_setup(config: ml_collections.ConfigDict, spec: MethodSpec) -> steps.Ga
         batch_g=t.batch_size_g, batch_d=t.batch_size_d, n_dis=t.n_dis,
         total_iterations=t.iterations, g_update_every=s.g_update_every,
         drop_fraction=s.drop_fraction, drop_fraction_final=s.drop_fraction_final,
-        br_every=b.br_every, br_window=balance.window_size(b.window, b.br_every), br_eps=b.eps,
-        ema_decay=t.ema_decay)
+        br_every=b.br_every, br_window=entries + 1 if exact else entries,
+        br_eps=0.0 if exact else b.eps, ema_decay=t.ema_decay,
+        d_forward=t.get("d_forward", "separate"), reference_exact=exact)
     abstract = jax.eval_shape(lambda: steps.init_state(setup, jax.random.key(0)))
     n_d = sp.num_maskable(abstract.d_params)
     c = config.control
@@ -157,7 +187,8 @@ def build_setup(config: ml_collections.ConfigDict, spec: MethodSpec) -> steps.Ga
                 default[1] if c.band_high is None else c.band_high)
     ctl = control.make_density_control(
         spec.d_control, n_d, t.iterations, band=band, every=c.d_update_every, delta=c.delta,
-        d_min=c.d_min, d_max=c.d_max, cap=spec.d_cap)
+        d_min=c.d_min, d_max=c.d_max, cap=spec.d_cap, reference_exact=exact,
+        d_start=spec.d_density, min_measurements=entries if exact else 0)
     return dataclasses.replace(setup, density_control=ctl)
 
 

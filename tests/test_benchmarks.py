@@ -98,9 +98,9 @@ def test_apply_masks_count_matches_a_trace_of_the_ordinary_iteration(policy, mon
     monkeypatch.setattr(sp_optim, "apply_masks", counting)  # sparse_update's re-zeroing
 
     def ordinary(state, real, labels, key):  # train_iteration without its scheduled branches
-        d_params, d_state, _, g_state, _, _ = steps._d_steps(setup, state, real, labels, key,
-                                                             None)
-        return steps._g_step(setup, state, d_params, d_state, g_state, key, None)
+        noise = steps.draw_noise(setup, key)
+        d = steps.d_steps(setup, state, real, labels, noise)
+        return steps.g_step(setup, state, d.d_params, d.d_state, d.g_state, noise)
 
     real = jax.ShapeDtypeStruct((1, 2, 32, 32, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((1, 2), jnp.int32)
@@ -131,9 +131,9 @@ def test_mask_update_cli_prints_every_row_with_memory_columns():
 
 def test_gan_steps_cli_tiny():
     out = _cli("gan_steps", "--g_ch=8", "--d_ch=8", "--batch=2", "--reps=1", "--impls=xla,gemm")
-    rows = [line.split()[:3] for line in out.strip().splitlines()[2:]]
-    assert rows == [["D", "step", "xla"], ["G", "step", "xla"], ["D", "step", "gemm"],
-                    ["G", "step", "gemm"]]
+    rows = [(line[:12].strip(), line[12:].split()[0]) for line in out.strip().splitlines()[2:]]
+    assert rows == [(step, impl) for impl in ("xla", "gemm")
+                    for step in ("D step", "D step 2fwd", "G step")]
 
 
 def test_conv_layers_cli_tiny():

@@ -1,11 +1,21 @@
 """The sparse-GAN train state and one training iteration as a single jitted function.
 
 One iteration (SPEC sections 2, 4-6) = ``n_dis`` D steps in a ``lax.scan`` -> one G step that
-also yields b = mean D(G_pre(z)) -> every ``br_every`` iterations the side-effect-free BR forwards
+also yields b = mean D(G_pre(z)) -> every ``br_every`` iterations the BR forwards
 a = mean D(G_post(z)) and c = mean D(x_r) -> every dT_G iterations G's drop-and-grow -> every
 dT_D iterations D's density decision -> the sparse EMA of G. Masks are multiplied into the
 parameters inside every forward; the scheduled updates run under ``lax.cond`` so mask changes
 never retrace or recompile.
+
+As in the paper's code, each D step scores the real and the fake batch in two D forwards (two
+spectral-norm power iterations, each batch normalised by its own sigma estimate);
+``GanSetup.d_forward="concat"`` scores them in one forward instead. The BR forwards leave every
+state untouched unless ``GanSetup.reference_exact`` asks for the paper code's train-mode forwards
+(G's BatchNorm statistics and D's spectral-norm state advance, one power iteration each for a and
+for c).
+
+The public step functions (``draw_noise``, ``d_steps``, ``g_step``, ``br_forwards``) are the
+pieces of ``train_iteration``, for benchmarks, tests and custom loops; they return named tuples.
 
 Under a bfloat16 compute dtype (``config.model.compute_dtype``) only the activations inside G
 and D are bfloat16: the models take float32 noise and images, cast float32 params in each layer
@@ -18,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -94,6 +104,71 @@ class GanSetup:
     # Unroll the n_dis D steps of the scan. On XLA:CPU convolutions inside a while-loop body
     # take a slow path: a dense width-64 SNGAN iteration measured 27.9 s rolled, 1.3 s unrolled.
     unroll_d_steps: bool = True
+    # "separate": D(real) and D(fake) as two forwards per D step (the paper's code); "concat":
+    # one forward over both batches (one spectral-norm power iteration per D step).
+    d_forward: str = "separate"
+    # The paper's code exactly: train-mode BR forwards and Bernoulli mask draws (the runner also
+    # sets the 101-ratio decision window, br_eps = 0 and the controller's float arithmetic).
+    reference_exact: bool = False
+
+    def __post_init__(self) -> None:
+        if self.d_forward not in D_FORWARDS:
+            raise ValueError(f"Unknown d_forward {self.d_forward!r}; use one of {D_FORWARDS}.")
+
+
+#: How a D step scores the real and the fake batch (``GanSetup.d_forward``).
+D_FORWARDS = ("separate", "concat")
+
+
+class IterationNoise(NamedTuple):
+    """The random inputs of one iteration (a pytree).
+
+    Attributes:
+      z_d: (n_dis, B_D, z_dim) float32 noise of the D steps' fake batches.
+      y_d: (n_dis, B_D) int32 labels of those fakes; None for unconditional models.
+      z_g: (B_G, z_dim) float32 noise of the G step (the BR's a forward reuses it).
+      y_g: (B_G,) int32 labels of the G step; None for unconditional models.
+    """
+
+    z_d: jax.Array
+    y_d: jax.Array | None
+    z_g: jax.Array
+    y_g: jax.Array | None
+
+
+class DStepsResult(NamedTuple):
+    """What ``d_steps`` returns: D after the n_dis steps, G's BatchNorm state after the fake
+    batches, the last step's D gradient (w.r.t. w*m; D's grow score) and the n_dis losses."""
+
+    d_params: PyTree
+    d_state: PyTree
+    d_opt: PyTree
+    g_state: PyTree
+    d_grads: PyTree
+    d_losses: jax.Array
+
+
+class GStepResult(NamedTuple):
+    """What ``g_step`` returns: G after its step, D's spectral-norm state after the G-loss
+    forward, the loss, G's gradient (w.r.t. w*m; G's grow score) and the b-scores D(G_pre(z))."""
+
+    g_params: PyTree
+    g_state: PyTree
+    g_opt: PyTree
+    d_state: PyTree
+    loss: jax.Array
+    grads: PyTree
+    b_scores: jax.Array
+
+
+class BRForwards(NamedTuple):
+    """What ``br_forwards`` returns: a-scores D(G_post(z)), c-scores D(x_r), and G's and D's
+    states after them (unchanged unless ``GanSetup.reference_exact``)."""
+
+    a_scores: jax.Array
+    c_scores: jax.Array
+    g_state: PyTree
+    d_state: PyTree
 
 
 def g_apply(setup: GanSetup, variables: PyTree, z: jax.Array, y: jax.Array | None, *,
@@ -143,10 +218,13 @@ def init_state(setup: GanSetup, key: jax.Array, *, distribution: str = "erk",
     g_params, d_params = g_vars["params"], d_vars["params"]
     m = setup.method
     if m.masked:
+        sampling = "bernoulli" if setup.reference_exact else "exact"
         g_masks = sp.init_masks(k_gm, g_params, _densities(g_params, m.g_density, setup,
-                                distribution, erk_power), is_maskable=setup.is_maskable)
+                                distribution, erk_power), is_maskable=setup.is_maskable,
+                                sampling=sampling)
         d_masks = sp.init_masks(k_dm, d_params, _densities(d_params, m.d_density, setup,
-                                distribution, erk_power), is_maskable=setup.is_maskable)
+                                distribution, erk_power), is_maskable=setup.is_maskable,
+                                sampling=sampling)
     else:
         g_masks, d_masks = sp.dense_masks(g_params), sp.dense_masks(d_params)
     g_params = sp.apply_masks(g_params, g_masks)
@@ -184,61 +262,103 @@ def generate(setup: GanSetup, params: PyTree, g_state: PyTree, masks: PyTree, z:
     return g_apply(setup, variables, z, y, train=False)
 
 
-def _sample_z(key: jax.Array, batch: int, setup: GanSetup, sharding) -> jax.Array:
-    z = jax.random.normal(key, (batch, setup.z_dim))
-    return z if sharding is None else jax.lax.with_sharding_constraint(z, sharding)
+def _sharded(x: jax.Array, sharding) -> jax.Array:
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
-def _d_steps(setup: GanSetup, state: TrainState, real: jax.Array, real_labels: jax.Array,
-             key: jax.Array, z_sharding):
-    """n_dis D updates in a scan; returns the new D pieces, G's BN state, losses, last grads."""
+def draw_noise(setup: GanSetup, key: jax.Array) -> IterationNoise:
+    """The noise and fake labels of one iteration, from ``key`` (the iteration's noise keys).
+
+    >>> import jax, flax.linen as nn
+    >>> from ddst_jax.gan.methods import resolve_method
+    >>> dense = resolve_method("dense", g_density=1.0)
+    >>> s = GanSetup(nn.Dense(1), nn.Dense(1), None, None, dense, z_dim=4, image_shape=(2, 2, 3),
+    ...              batch_g=3, batch_d=2, n_dis=5, total_iterations=1)
+    >>> noise = draw_noise(s, jax.random.key(0))
+    >>> noise.z_d.shape, noise.z_g.shape, noise.y_d
+    ((5, 2, 4), (3, 4), None)
+    """
+    k_d, k_g = jax.random.split(key)
+
+    def draw(k, batch):
+        k_z, k_y = jax.random.split(k)
+        return jax.random.normal(k_z, (batch, setup.z_dim)), sample_labels(k_y, batch, setup)
+
+    z_d, y_d = jax.vmap(lambda k: draw(k, setup.batch_d))(jax.random.split(k_d, setup.n_dis))
+    z_g, y_g = draw(k_g, setup.batch_g)
+    return IterationNoise(z_d, y_d, z_g, y_g)
+
+
+def _d_scores(setup: GanSetup, d_eff: PyTree, d_state: PyTree, x_real, y_real, fake, y_fake):
+    """D's scores of the real and the fake batch, with the state after the forward(s)."""
+    if setup.d_forward == "concat":
+        y_both = None if y_fake is None else jnp.concatenate([y_real, y_fake])
+        scores, upd = d_apply(setup, {"params": d_eff, "batch_stats": d_state},
+                              jnp.concatenate([x_real, fake]), y_both, mutable=["batch_stats"])
+        n = x_real.shape[0]
+        return scores[:n], scores[n:], upd["batch_stats"]
+    # Two forwards, real first as in the paper's code: the fake batch sees the u that the real
+    # forward's power iteration left (Flax stops gradients through u).
+    y_real = None if y_fake is None else y_real
+    s_real, upd = d_apply(setup, {"params": d_eff, "batch_stats": d_state}, x_real, y_real,
+                          mutable=["batch_stats"])
+    s_fake, upd = d_apply(setup, {"params": d_eff, "batch_stats": upd["batch_stats"]}, fake,
+                          y_fake, mutable=["batch_stats"])
+    return s_real, s_fake, upd["batch_stats"]
+
+
+def d_steps(setup: GanSetup, state: TrainState, real: jax.Array, real_labels: jax.Array,
+            noise: IterationNoise, z_sharding=None) -> DStepsResult:
+    """The n_dis D updates of an iteration (a ``lax.scan``; G frozen, in train mode).
+
+    Args:
+      setup, state: the run and its state before the iteration.
+      real: (n_dis, B_D, H, W, 3) real batches; real_labels: (n_dis, B_D) int32.
+      noise: the iteration's noise (``draw_noise``).
+      z_sharding: optional sharding of a (B_D, z_dim) noise batch.
+    """
     g_eff = _masked(state.g_params, state.g_masks, setup)
     policy = setup.method.policy
 
     def one_step(carry, inputs):
         d_params, d_state, d_opt, g_state, _ = carry
-        x_real, y_real, k = inputs
-        k_z, k_y = jax.random.split(k)
-        z = _sample_z(k_z, setup.batch_d, setup, z_sharding)
-        y_fake = sample_labels(k_y, setup.batch_d, setup)
-        fake, g_upd = g_apply(setup, {"params": g_eff, "batch_stats": g_state}, z, y_fake,
-                              train=True, mutable=["batch_stats"])
+        x_real, y_real, z, y_fake = inputs
+        fake, g_upd = g_apply(setup, {"params": g_eff, "batch_stats": g_state},
+                              _sharded(z, z_sharding), y_fake, train=True,
+                              mutable=["batch_stats"])
         fake = jax.lax.stop_gradient(fake)
-        y_both = None if y_fake is None else jnp.concatenate([y_real, y_fake])
 
         def loss_fn(d_eff):
-            # Real and fake in one forward: one spectral-norm power iteration per D step.
-            scores, upd = d_apply(setup, {"params": d_eff, "batch_stats": d_state},
-                                  jnp.concatenate([x_real, fake]), y_both,
-                                  mutable=["batch_stats"])
-            n = x_real.shape[0]
-            return losses.d_hinge_loss(scores[:n], scores[n:]), upd
+            s_real, s_fake, new_state = _d_scores(setup, d_eff, d_state, x_real, y_real, fake,
+                                                  y_fake)
+            return losses.d_hinge_loss(s_real, s_fake), new_state
 
         d_eff = _masked(d_params, state.d_masks, setup)
         # Gradient w.r.t. the effective weights w*m: dense, as the paper's code feeds Adam.
-        (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_eff)
+        (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_eff)
         if setup.method.masked:
             d_params, d_opt = sp.sparse_update(setup.d_tx, grads, d_opt, d_params, state.d_masks,
                                                policy)
         else:
             updates, d_opt = setup.d_tx.update(grads, d_opt, d_params)
             d_params = optax.apply_updates(d_params, updates)
-        return (d_params, upd["batch_stats"], d_opt, g_upd["batch_stats"], grads), loss
+        return (d_params, new_state, d_opt, g_upd["batch_stats"], grads), loss
 
-    keys = jax.random.split(key, setup.n_dis)
     zero_grads = jax.tree_util.tree_map(jnp.zeros_like, state.d_params)
     carry = (state.d_params, state.d_state, state.d_opt, state.g_state, zero_grads)
     (d_params, d_state, d_opt, g_state, d_grads), d_losses = jax.lax.scan(
-        one_step, carry, (real, real_labels, keys), unroll=setup.unroll_d_steps)
-    return d_params, d_state, d_opt, g_state, d_grads, d_losses
+        one_step, carry, (real, real_labels, noise.z_d, noise.y_d), unroll=setup.unroll_d_steps)
+    return DStepsResult(d_params, d_state, d_opt, g_state, d_grads, d_losses)
 
 
-def _g_step(setup: GanSetup, state: TrainState, d_params, d_state, g_state, key, z_sharding):
-    """One G update; returns new G pieces, D's SN state, loss, grads, (z, y) and b-scores."""
+def g_step(setup: GanSetup, state: TrainState, d_params: PyTree, d_state: PyTree,
+           g_state: PyTree, noise: IterationNoise, z_sharding=None) -> GStepResult:
+    """One G update against the D of ``d_params``/``d_state`` (D frozen, its SN state advances).
+
+    ``g_state`` is G's BatchNorm state after the D steps; the loss's D forward gives b.
+    """
     d_eff = _masked(d_params, state.d_masks, setup)
-    k_z, k_y = jax.random.split(key)
-    z = _sample_z(k_z, setup.batch_g, setup, z_sharding)
-    y = sample_labels(k_y, setup.batch_g, setup)
+    z, y = _sharded(noise.z_g, z_sharding), noise.y_g
 
     def loss_fn(g_eff):
         fake, g_upd = g_apply(setup, {"params": g_eff, "batch_stats": g_state}, z, y,
@@ -255,21 +375,35 @@ def _g_step(setup: GanSetup, state: TrainState, d_params, d_state, g_state, key,
     else:
         updates, g_opt = setup.g_tx.update(grads, state.g_opt, state.g_params)
         g_params = optax.apply_updates(state.g_params, updates)
-    return g_params, g_state, g_opt, d_state, loss, grads, (z, y), b_scores
+    return GStepResult(g_params, g_state, g_opt, d_state, loss, grads, b_scores)
 
 
-def _br_forwards(setup: GanSetup, g_params, g_state, g_masks, d_params, d_state, d_masks, z, y,
-                 x_real, y_real):
-    """a-scores D(G_post(z)) and c-scores D(x_r), with no state written (SPEC section 2)."""
+def br_forwards(setup: GanSetup, g_params, g_state, g_masks, d_params, d_state, d_masks, z, y,
+                x_real, y_real) -> BRForwards:
+    """The BR's a-scores D(G_post(z)) and c-scores D(x_r) (SPEC section 2).
+
+    By default nothing is written: G's BatchNorm updates are discarded and D runs with
+    ``update_stats=False``, in one forward over both batches (D has no batch-coupled layer and
+    both halves see the same u, so the scores equal two forwards). With
+    ``setup.reference_exact`` they run as the paper's code runs them: G in train mode with its
+    BatchNorm statistics updated, then D(G_post(z)) and D(x_r) as two train-mode forwards, each
+    advancing the spectral-norm state by one power iteration.
+    """
     d_vars = {"params": _masked(d_params, d_masks, setup), "batch_stats": d_state}
-    fake_post = generate(setup, g_params, g_state, g_masks, z, y, train=True)
-    # One D forward over both batches: one spectral-norm power iteration and larger GEMMs. D has
-    # no batch-coupled layers (no BatchNorm), so the scores equal two separate forwards.
+    g_vars = {"params": _masked(g_params, g_masks, setup), "batch_stats": g_state}
+    if setup.reference_exact:
+        fake_post, g_upd = g_apply(setup, g_vars, z, y, train=True, mutable=["batch_stats"])
+        a_scores, d_upd = d_apply(setup, d_vars, fake_post, y, mutable=["batch_stats"])
+        c_scores, d_upd = d_apply(setup, {**d_vars, "batch_stats": d_upd["batch_stats"]},
+                                  x_real, y_real if y is not None else None,
+                                  mutable=["batch_stats"])
+        return BRForwards(a_scores, c_scores, g_upd["batch_stats"], d_upd["batch_stats"])
+    fake_post, _ = g_apply(setup, g_vars, z, y, train=True, mutable=["batch_stats"])
     y_both = None if y is None else jnp.concatenate([y, y_real])
     scores = d_apply(setup, d_vars, jnp.concatenate([fake_post, x_real]), y_both,
                      update_stats=False)
     n_fake = fake_post.shape[0]
-    return scores[:n_fake], scores[n_fake:]
+    return BRForwards(scores[:n_fake], scores[n_fake:], g_state, d_state)
 
 
 def _grow_scores(setup: GanSetup, grads: PyTree, masks: PyTree, key: jax.Array) -> PyTree:
@@ -339,8 +473,8 @@ def sparse_ema(ema: PyTree, masks: PyTree, params: PyTree, decay: float) -> PyTr
 
 
 def train_iteration(setup: GanSetup, state: TrainState, real: jax.Array,
-                    real_labels: jax.Array | None = None,
-                    z_sharding=None) -> tuple[TrainState, dict[str, jax.Array]]:
+                    real_labels: jax.Array | None = None, z_sharding=None,
+                    noise: IterationNoise | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One iteration: n_dis D steps, G step, BR, mask updates, EMA.
 
     Args:
@@ -349,28 +483,39 @@ def train_iteration(setup: GanSetup, state: TrainState, real: jax.Array,
       real: (n_dis, B_D, H, W, 3) float32 real batches in [-1, 1], one per D step.
       real_labels: (n_dis, B_D) int32 labels of ``real`` (conditional models; else ignored).
       z_sharding: optional sharding for noise batches (batch axis on the data mesh axis).
+      noise: the iteration's noise; None: drawn from the state's key (``draw_noise``). Given
+        noise (e.g. to replay another implementation's iteration) still advances the key.
 
     Returns:
-      The new state and a dict of scalar metrics (``br/ratio`` is NaN when not measured) plus
+      The new state and a dict of scalar metrics (``br/ratio``, ``br/a``, ``br/b``, ``br/c``
+      are NaN when not measured) plus ``loss/d_steps``, the (n_dis,) D losses, and
       ``g_counts``/``d_counts``, int32 per-leaf active counts.
     """
-    key, k_d, k_g, k_gm, k_dm = jax.random.split(state.key, 5)
+    key, k_noise, k_gm, k_dm = jax.random.split(state.key, 4)
     t = state.step + 1
     if real_labels is None:
         real_labels = jnp.zeros(real.shape[:2], jnp.int32)
-    d_params, d_state, d_opt, g_state, d_grads, d_losses = _d_steps(
-        setup, state, real, real_labels, k_d, z_sharding)
-    g_params, g_state, g_opt, d_state, g_loss, g_grads, (z, y), b_scores = _g_step(
-        setup, state, d_params, d_state, g_state, k_g, z_sharding)
+    if noise is None:
+        noise = draw_noise(setup, k_noise)
+    d_params, d_state, d_opt, g_state, d_grads, d_losses = d_steps(
+        setup, state, real, real_labels, noise, z_sharding)
+    g_params, g_state, g_opt, d_state, g_loss, g_grads, b_scores = g_step(
+        setup, state, d_params, d_state, g_state, noise, z_sharding)
 
     measure = balance.is_measure_step(t, setup.br_every)
 
-    def measure_br(_):
-        a_scores, c_scores = _br_forwards(setup, g_params, g_state, state.g_masks, d_params,
-                                          d_state, state.d_masks, z, y, real[-1], real_labels[-1])
-        return balance.balance_ratio(c_scores, b_scores, a_scores, setup.br_eps)
+    def measure_br(states):
+        g_st, d_st = states
+        br = br_forwards(setup, g_params, g_st, state.g_masks, d_params, d_st, state.d_masks,
+                         _sharded(noise.z_g, z_sharding), noise.y_g, real[-1], real_labels[-1])
+        ratio = balance.balance_ratio(br.c_scores, b_scores, br.a_scores, setup.br_eps)
+        abc = jnp.stack([jnp.mean(br.a_scores), jnp.mean(b_scores), jnp.mean(br.c_scores)])
+        return ratio, abc, br.g_state, br.d_state
 
-    ratio = jax.lax.cond(measure, measure_br, lambda _: jnp.float32(jnp.nan), None)
+    def skip(states):
+        return (jnp.float32(jnp.nan), jnp.full((3,), jnp.nan, jnp.float32), *states)
+
+    ratio, abc, g_state, d_state = jax.lax.cond(measure, measure_br, skip, (g_state, d_state))
     window = jax.lax.cond(measure, lambda w: balance.push(w, ratio), lambda w: w,
                           state.br_window)
 
@@ -397,9 +542,14 @@ def train_iteration(setup: GanSetup, state: TrainState, real: jax.Array,
     d_counts = sp.layer_counts(d_masks, setup.is_maskable)
     metrics = {
         "loss/d": jnp.mean(d_losses),
+        "loss/d_steps": d_losses,
         "loss/g": g_loss,
         "br/ratio": ratio,
-        "br/windowed": balance.windowed_mean(window),
+        "br/a": abc[0],  # mean D(G_post(z)); NaN when not measured
+        "br/b": abc[1],  # mean D(G_pre(z))
+        "br/c": abc[2],  # mean D(x_r)
+        "br/windowed": balance.windowed_mean(
+            window, ignore_nonfinite=not setup.reference_exact),
         "br/ignored": balance.num_ignored(window),
         "br/window_full": balance.is_full(window),
         "density/g": jnp.sum(g_counts) / np.float32(n_g),

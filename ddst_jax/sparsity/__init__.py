@@ -23,6 +23,7 @@ from ddst_jax.sparsity.dst import (
     resize_update,
 )
 from ddst_jax.sparsity.masks import (
+    MASK_SAMPLINGS,
     apply_masks,
     count_active,
     count_for_density,
@@ -49,6 +50,7 @@ from ddst_jax.sparsity.schedules import cosine_drop_fraction, is_update_step
 from ddst_jax.sparsity.topk import rank_descending, select_top
 
 __all__ = [
+    "MASK_SAMPLINGS",
     "POLICIES",
     "SCOPES",
     "MaskUpdate",

@@ -181,17 +181,24 @@ def validate_density(density: float, name: str = "density") -> float:
     return d
 
 
+#: How ``init_masks`` draws active entries: exact counts, or independent Bernoulli(d) draws.
+MASK_SAMPLINGS = ("exact", "bernoulli")
+
+
 def init_masks(
     key: jax.Array,
     params: PyTree,
     densities: PyTree | float,
     *,
     is_maskable: MaskablePredicate | None = None,
+    sampling: str = "exact",
 ) -> PyTree:
     """Random masks with exactly ``round(d * N)`` active entries per maskable leaf (at least 1).
 
     Active positions are drawn uniformly without replacement from ``key``; each leaf uses the key
     folded with its flatten index, so the draw is the same on every process holding ``key``.
+    ``sampling="bernoulli"`` instead draws every entry independently with probability ``d`` (what
+    the paper's code does): the count is then random (mean ``d * N``, possibly 0).
 
     Args:
       key: a PRNG key (typed or raw), shared by all processes.
@@ -199,6 +206,7 @@ def init_masks(
       densities: one float for every maskable leaf, or a pytree like ``params`` of Python floats
         (as returned by ``erk_densities``); entries of non-maskable leaves are ignored.
       is_maskable: predicate ``(path, leaf) -> bool``; defaults to ``default_is_maskable``.
+      sampling: ``"exact"`` (exact counts, the default) or ``"bernoulli"`` (independent draws).
 
     Returns:
       A bool pytree like ``params``; all-True at non-maskable leaves.
@@ -207,7 +215,13 @@ def init_masks(
     >>> m = init_masks(jax.random.key(0), {'kernel': jnp.zeros((4, 5))}, 0.25)
     >>> int(m['kernel'].sum())
     5
+    >>> m = init_masks(jax.random.key(0), {'kernel': jnp.zeros((400, 50))}, 0.25,
+    ...                sampling="bernoulli")
+    >>> 4700 < int(m['kernel'].sum()) < 5300
+    True
     """
+    if sampling not in MASK_SAMPLINGS:
+        raise ValueError(f"Unknown mask `sampling` {sampling!r}; use one of {MASK_SAMPLINGS}.")
     pred = _predicate(is_maskable)
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     if np.ndim(densities) == 0 and not isinstance(densities, dict | list | tuple):
@@ -223,6 +237,11 @@ def init_masks(
             continue
         d = validate_density(d, f"densities['{path_str(path)}']")
         size = int(np.prod(shape))
+        if sampling == "bernoulli":
+            # Density 1 stays exactly dense (the paper's code forces such layers to all-ones).
+            draw = jax.random.bernoulli(jax.random.fold_in(key, i), d, shape)
+            out.append(jnp.ones(shape, dtype=bool) if d >= 1.0 else draw)
+            continue
         k = count_for_density(d, size)
         # A random permutation's first k positions: uniform without replacement, exact count.
         chosen = jax.random.permutation(jax.random.fold_in(key, i), size)[:k]

@@ -19,12 +19,19 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     """Returns the run configuration; ``preset`` selects a named variant."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # Seeds params, masks, noise and data order; same seed -> same trajectory.
+    # "fixed": train as the paper's code does, with its defects fixed (docs/reference.md).
+    # "exact": the paper's code exactly: train-mode BR forwards, Bernoulli masks, a 101-ratio
+    # decision window with non-finite ratios kept (balance.eps ignored), float-density control.
+    c.reference_mode = "fixed"
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "sngan32"  # Architecture: "sngan32" (CIFAR-10) or "sngan48" (STL-10).
     c.model.z_dim = 128  # Noise dimension.
     c.model.g_ch = 256  # G width (sngan32: every block).
     c.model.d_ch = 128  # D width (sngan32: every block).
+    # "reference": the init the authors' code uses for this model (sngan32: PyTorch's default,
+    # nonzero biases; sngan48: He normal); or a scheme name ("torch", "kaiming", "xavier").
+    c.model.init_scheme = "reference"
     # Classes of a conditional model (BigGAN); None: the architecture's default.
     c.model.num_classes = config_dict.placeholder(int)
     # "float32" or "bfloat16": activations/convolutions; params, optimizer state, masks, BN/SN
@@ -51,6 +58,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.train.max_to_keep = 3  # Periodic checkpoints kept.
     c.train.progress_bar = True  # tqdm bar with it/s and ETA on process 0.
     c.train.unroll_d_steps = True  # Unroll the n_dis D-step scan (21x faster on XLA:CPU).
+    # D step: "separate" D(real) and D(fake) forwards (paper's code: two spectral-norm power
+    # iterations) or "concat" (one forward over both batches).
+    c.train.d_forward = "separate"
 
     c.sparsity = ml_collections.ConfigDict()
     c.sparsity.method = "adapt"  # "dense", "static", "sdst", "adapt" (ADAPT/DDST) or "dda".
