@@ -7,7 +7,6 @@ CPU, float32); see tests/data/reference/README.md. Arrays are in PyTorch layout 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -17,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ddst_jax import balance, control
+from ddst_jax import control, train
 from ddst_jax import sparsity as sp
-from ddst_jax.gan import models, steps
+from ddst_jax.gan import steps
 from ddst_jax.gan import torch_port as tp
-from ddst_jax.gan.methods import resolve_method
+from experiments.configs import cifar10
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "reference")
 WIDTH = 16  # G and D width of the forward and iteration fixtures
@@ -52,27 +51,30 @@ def nhwc(x: np.ndarray) -> np.ndarray:
     return np.moveaxis(x, -3, -1)
 
 
+def iteration_config(*, masked: bool, reference_exact: bool, d_forward: str = "separate"):
+    """The default CIFAR-10 config (experiments/configs/cifar10.py) at the iteration fixtures'
+    sizes: width 16, n_dis 5, B_D 8, B_G 16, BR every iteration (``br_freq = 1``), ADAPT at ERK
+    0.3 (masks replaced by the fixture's) or dense; no mask update or decision at iteration 1.
+    Everything else (init, D forward structure, optimizer, schedules) is the default's."""
+    config = cifar10.get_config()
+    config.reference_mode = "exact" if reference_exact else "fixed"
+    config.model.g_ch = config.model.d_ch = WIDTH
+    config.train.n_dis, config.train.batch_size_d, config.train.batch_size_g = 5, 8, 16
+    config.train.d_forward = d_forward
+    config.balance.br_every = 1
+    config.sparsity.method = "adapt" if masked else "dense"
+    config.sparsity.g_density = 0.3
+    config.eval.every = 0
+    return config
+
+
 def iteration_setup(*, masked: bool, reference_exact: bool,
                     d_forward: str = "separate") -> steps.GanSetup:
-    """The run description of the iteration fixtures: width 16, n_dis 5, B_D 8, B_G 16, BR every
-    iteration (``br_freq = 1``), no mask update or density decision at iteration 1."""
-    G, D = models.build_models("sngan32", g_ch=WIDTH, d_ch=WIDTH)
-    method = resolve_method("adapt", g_density=0.3) if masked else resolve_method(
-        "dense", g_density=1.0)
-    tx = optax.adam(LR, b1=BETA1, b2=BETA2)
-    total = 100_000
-    setup = steps.GanSetup(
-        generator=G, discriminator=D, g_tx=tx, d_tx=tx, method=method, z_dim=128,
-        image_shape=(32, 32, 3), batch_g=16, batch_d=8, n_dis=5, total_iterations=total,
-        br_every=1, br_window=100 + int(reference_exact),
-        br_eps=0.0 if reference_exact else balance.DEFAULT_EPS,
-        d_forward=d_forward, reference_exact=reference_exact)
-    if masked:
-        n_d = sp.num_maskable(jax.eval_shape(
-            lambda: steps.init_state(setup, jax.random.key(0))).d_params)
-        ctl = control.make_density_control("relaxed", n_d, total, reference_exact=reference_exact,
-                                           d_start=0.3, min_measurements=100)
-        setup = dataclasses.replace(setup, density_control=ctl)
+    """``train.build_setup`` of ``iteration_config``."""
+    config = iteration_config(masked=masked, reference_exact=reference_exact, d_forward=d_forward)
+    setup = train.build_setup(config, train.validate_config(config))
+    # The fixtures' Adam, as the authors' main.py builds it, is the default config's.
+    assert (config.train.lr_d, config.train.beta1, config.train.beta2) == (LR, BETA1, BETA2)
     return setup
 
 
