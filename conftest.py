@@ -17,6 +17,6 @@ jax.config.update("jax_compilation_cache_dir",
                                  os.path.join(tempfile.gettempdir(), "ddst_jax_test_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-# Run as a separate process by tests/test_multiprocess.py; importing it here would reconfigure
-# this session's devices (it sets 4 per process).
-collect_ignore = ["tests/multiprocess_worker.py"]
+# Run as separate processes by tests/test_multiprocess.py and tests/test_fault_injection.py;
+# importing them here would reconfigure this session's devices.
+collect_ignore = ["tests/multiprocess_worker.py", "tests/lock_worker.py"]

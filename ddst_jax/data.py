@@ -310,7 +310,8 @@ def load_tfds(
             why = "it is not there, and TensorFlow (needed to prepare it) is not installed"
             raise DatasetUnavailableError(_unavailable_message(name, data_dir, why)) from e
         try:
-            source = open_source(download_now=True)
+            with datasets.removed_on_failure(data_dir):  # no incomplete.* folders left behind
+                source = open_source(download_now=True)
         except Exception as e2:  # Network, TF or disk failure deep inside TFDS: one message.
             why = f"preparing it failed ({type(e2).__name__}: {e2})"
             raise DatasetUnavailableError(_unavailable_message(name, data_dir, why)) from e2

@@ -15,7 +15,6 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -99,7 +98,7 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
     if os.path.exists(cached):
         return fid.load_statistics(cached)
     n, batch = len(source), config.eval.batch_size
-    logging.info("Computing FID reference statistics of %d training images (once).", n)
+    reporting.say(f"Computing FID reference statistics of {n} training images (once).")
     sharding = NamedSharding(mesh, P("data"))
     pools = []
     for start in range(0, n, batch):

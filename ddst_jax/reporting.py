@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -29,6 +30,14 @@ JSONL_NAME = "metrics.jsonl"
 def is_primary() -> bool:
     """Whether this is process 0, the one that writes logs and reports."""
     return jax.process_index() == 0
+
+
+def say(message: str) -> None:
+    """A message for the person running the job, on process 0: printed to stderr above any
+    progress bar (whatever the log verbosity), and logged."""
+    logging.info("%s", message)
+    if is_primary():
+        tqdm.tqdm.write(message, file=sys.stderr)
 
 
 # Files.

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -32,11 +32,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddst_jax import balance, checkpoint, control, data, evaluation, memory, reporting
+from ddst_jax import balance, checkpoint, control, data, evaluation, memory, reporting, rundir
 from ddst_jax import sparsity as sp
 from ddst_jax.gan import registry, steps
 from ddst_jax.gan.methods import MethodSpec, resolve_method
@@ -45,6 +44,13 @@ from ddst_jax.metrics import flops
 
 class TrainingDiverged(RuntimeError):
     """A loss became non-finite; the last good checkpoint is kept."""
+
+
+class TrainingCollapsed(TrainingDiverged):
+    """A health check failed (losses pinned, no finite BR); the last good checkpoint is kept."""
+
+
+say = reporting.say
 
 
 DENSITY_LOG = "density_log.jsonl"
@@ -69,9 +75,18 @@ def _require(ok: bool, field: str, message: str) -> None:
         raise ValueError(f"config.{field}: {message}")
 
 
+def _check_finite(config: ml_collections.ConfigDict) -> None:
+    for name, value in rundir.flatten(config.to_dict()).items():
+        values = value if isinstance(value, list | tuple) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"config.{name}: must be a finite number, got {value}.")
+
+
 def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None,
                     process_count: int | None = None) -> MethodSpec:
     """Check every field before anything is compiled; one ``ValueError`` naming the field."""
+    _check_finite(config)
     t = config.train
     for name in ("iterations", "n_dis", "batch_size_g", "batch_size_d", "log_every",
                  "checkpoint_every", "sample_every", "num_samples", "max_to_keep"):
@@ -123,6 +138,12 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         _require(every % b.br_every == 0, "control.d_update_every",
                  f"reference_mode='exact' needs a multiple of balance.br_every ({b.br_every}), "
                  f"got {every}.")
+    h = config.get("health")
+    if h is not None:
+        _require(int(h.pinned_iterations) >= 0, "health.pinned_iterations",
+                 f"must be >= 0 (0: off), got {h.pinned_iterations}.")
+        _require(h.pinned_tolerance >= 0, "health.pinned_tolerance",
+                 f"must be >= 0, got {h.pinned_tolerance}.")
     e = config.eval
     _require(e.every >= 0, "eval.every", f"must be >= 0 (0: no evaluation), got {e.every}.")
     if e.every:
@@ -237,13 +258,60 @@ def compile_fns(setup: steps.GanSetup, config: ml_collections.ConfigDict, mesh):
 # ----------------------------------------------------------------------------- logging
 
 
+class HealthCheck:
+    """Stops a run that has collapsed (``config.health``), on the host at log points.
+
+    * Pinned losses: loss/d and loss/g both stay within ``pinned_tolerance`` (relative to
+      1 + |value|) of their values at some iteration for ``pinned_iterations`` iterations
+      (e.g. an exploding D learning rate pins the hinge losses at 2 and 0).
+    * No finite BR: the BR window is full and every ratio in it is non-finite (c == b: D scores
+      real and fake images alike), so BR and the controller are blind.
+    Raises ``TrainingCollapsed``; the iteration's state is not saved.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict | None, window_size: int):
+        self.pinned = int(config.pinned_iterations) if config is not None else 0
+        self.tolerance = float(config.pinned_tolerance) if config is not None else 0.0
+        self.nonfinite_br = bool(config.nonfinite_br) if config is not None else False
+        self.window_size = window_size
+        self._since: tuple[int, float, float] | None = None
+
+    def _close(self, a: float, b: float) -> bool:
+        return abs(a - b) <= self.tolerance * (1.0 + abs(b))
+
+    def check(self, iteration: int, m: Mapping[str, Any]) -> None:
+        d, g = float(m["loss/d"]), float(m["loss/g"])
+        if self.pinned:
+            if self._since is None or not (self._close(d, self._since[1])
+                                           and self._close(g, self._since[2])):
+                self._since = (iteration, d, g)
+            elif iteration - self._since[0] >= self.pinned:
+                raise TrainingCollapsed(
+                    f"The run has collapsed: loss/d stayed at {d + 0.0:.6g} and loss/g at "
+                    f"{g + 0.0:.6g} from "
+                    f"iteration {self._since[0]} to {iteration}. Stopped without saving this "
+                    "state; checkpoints from before the collapse are kept (a recent one may "
+                    "already be collapsed). Lower the learning rates or change the seed; "
+                    "health.pinned_iterations=0 turns this check off.")
+        if (self.nonfinite_br and bool(m["br/window_full"])
+                and int(m["br/ignored"]) >= self.window_size):
+            raise TrainingCollapsed(
+                f"The run has collapsed: at iteration {iteration} every ratio in the full BR "
+                f"window ({self.window_size} measurements) is non-finite (D scores real and fake "
+                "images alike, |c - b| below balance.eps), so BR and the density controller are "
+                "blind. Stopped without saving this state; earlier checkpoints are kept. Lower "
+                "the learning rates or change the seed; health.nonfinite_br=False turns this "
+                "check off.")
+
+
 class _Logger:
     """Batches per-iteration device metrics and writes them at log points (one host sync)."""
 
     def __init__(self, writer: reporting.MetricWriter, workdir: str, setup: steps.GanSetup,
                  g_names: list[str], d_names: list[str], g_sizes: list[int], d_sizes: list[int],
-                 resume_step: int | None):
+                 resume_step: int | None, health: ml_collections.ConfigDict | None = None):
         self.writer, self.setup = writer, setup
+        self.health = HealthCheck(health, setup.br_window)
         self.g_names, self.d_names = g_names, d_names
         self.g_sizes, self.d_sizes = np.array(g_sizes), np.array(d_sizes)
         self.pending: list[tuple[int, dict]] = []
@@ -312,6 +380,7 @@ class _Logger:
                         f"{name} became {float(m[name])} at iteration {it}. The run stopped "
                         "without saving this state; the last good checkpoint is kept. Lower the "
                         "learning rates or change the seed, then re-run to resume from it.")
+            self.health.check(it, m)
             if not math.isnan(float(m["br/ratio"])):
                 self.writer.write_scalars(it, {"br/ratio": float(m["br/ratio"])})
             updated = tuple(net for net, ran in (
@@ -372,19 +441,73 @@ def _save_samples(workdir: str, writer: reporting.MetricWriter, iteration: int,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       features_fn: evaluation.FeaturesFn | None = None) -> dict[str, Any]:
+                       features_fn: evaluation.FeaturesFn | None = None,
+                       allow_changes: Iterable[str] = (),
+                       stop: checkpoint.StopFlag | None = None) -> dict[str, Any]:
     """Train (or resume, or report a finished run) in ``workdir``; returns the summary dict.
+
+    The run owns ``workdir`` while it runs (``rundir.RunLock``; a second run refuses). A resume
+    must use the configuration the run was started with, except fields named in
+    ``allow_changes`` (e.g. ``("train.iterations",)`` to extend a run, finished or not); every
+    change is recorded in ``config_history.jsonl``. SIGINT/SIGTERM at any point (even during
+    the first compile) stop the run cleanly: after the current iteration, with a checkpoint.
 
     Args:
       config: see ``experiments/configs/cifar10.py``.
       workdir: the run directory.
       features_fn: replaces the FID Inception network (tests use a cheap stand-in); by default
         the weights of ``config.eval.inception_weights`` (or the cache / download) are used.
+      allow_changes: config fields (or sections) allowed to differ from the run's on resume.
+      stop: a stop flag the caller installed earlier (an entry point does, before its heavy
+        imports); by default one is installed here and removed on return.
     """
     if config.parallel.distributed:
         initialize_distributed(config.parallel)
-    spec = validate_config(config)
-    workdir = os.path.abspath(workdir)
+    # Before anything slow: a Ctrl-C during start-up or the first compile only sets this flag
+    # (an interrupt inside XLA's compiler threads would otherwise crash the interpreter).
+    own_flag = stop is None
+    stop = checkpoint.install_stop_handler() if own_flag else stop
+    try:
+        spec = validate_config(config)
+        workdir = rundir.prepare_workdir(workdir)
+        lock = rundir.acquire_for_all_processes(workdir)
+        try:
+            if lock is not None and lock.stale_message():
+                say(lock.stale_message())
+            return _run(config, spec, workdir, stop, features_fn, tuple(allow_changes))
+        finally:
+            if lock is not None:
+                lock.release()
+    finally:
+        if own_flag:
+            stop.close()
+
+
+def _stopped_early(iteration: int, stop: checkpoint.StopFlag) -> dict[str, Any]:
+    say(f"Stopped (signal {stop.signum}) before training iteration {iteration + 1}; nothing new "
+        "was written. Re-run the same command to start.")
+    return {"finished": False, "iteration": iteration, "stopped_before_training": True}
+
+
+def _resume_changes(config, meta: Mapping[str, Any], workdir: str,
+                    allow_changes: tuple[str, ...]) -> dict[str, list[Any]]:
+    """The run's config changes on this resume (``ConfigMismatch`` if not allowed)."""
+    old = meta.get("config")
+    if old is None:  # checkpoints from before the config was stored with them
+        path = os.path.join(workdir, "config.json")
+        if not os.path.exists(path):
+            say("Cannot check this resume's configuration: the checkpoint has no copy of it "
+                "and config.json is missing.")
+            return {}
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    new = json.loads(config.to_json_best_effort())
+    return rundir.check_resume(old, new, allowed=allow_changes, iteration=meta.get("iteration"))
+
+
+def _run(config, spec, workdir: str, stop: checkpoint.StopFlag,
+         features_fn: evaluation.FeaturesFn | None,
+         allow_changes: tuple[str, ...]) -> dict[str, Any]:
     primary = reporting.is_primary()
     source = data.load_source(config.data, seed=config.seed)
     setup = build_setup(config, spec)
@@ -392,7 +515,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     init_fn, iterate, replicated = compile_fns(setup, config, mesh)
     abstract = checkpoint.abstract_state(jax.eval_shape(init_fn, jax.random.key(config.seed)),
                                          sharding=replicated)
-    os.makedirs(workdir, exist_ok=True)
     evaluator = None
     if config.eval.every:  # weights and reference statistics before anything is trained
         features_fn = features_fn or evaluation.inception_features_fn(
@@ -404,15 +526,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             bn_mode=config.eval.bn_mode, splits=config.eval.splits, seed=config.seed + 2)
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
     restored = ckpt.restore(abstract)
-    if restored is not None and restored.metadata.get("finished"):
-        summary_path = os.path.join(workdir, "summary.json")
-        logging.info("Run in %s is finished (iteration %s).", workdir,
-                     restored.metadata.get("iteration"))
+    total = config.train.iterations
+    if restored is not None:
+        try:
+            changes = _resume_changes(config, restored.metadata, workdir, allow_changes)
+        except rundir.ConfigMismatch:
+            ckpt.close()
+            raise
+        done = int(restored.metadata["iteration"])
+        if total < done:
+            ckpt.close()
+            raise rundir.ConfigMismatch(
+                f"train.iterations={total} is below the {done} iterations this run has done: "
+                "a run cannot be shortened; use the run's value or a fresh --workdir.")
+        if restored.metadata.get("finished") and total == done:
+            ckpt.close()
+            say(f"The run in {workdir} is finished (iteration {done}); nothing to do. To "
+                "train it longer, raise train.iterations and add --change=train.iterations.")
+            summary_path = os.path.join(workdir, "summary.json")
+            if os.path.exists(summary_path):
+                with open(summary_path, encoding="utf-8") as f:
+                    return json.load(f)
+            return {"finished": True, "iteration": done}
+        if primary and changes:
+            rundir.record_changes(workdir, done, changes)
+            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(config.to_json_best_effort(indent=2))
+            say("Configuration changes recorded in config_history.jsonl: " + "; ".join(
+                f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in changes.items()))
+    if _stop_requested(stop, 0, 1):  # a signal during start-up (all processes agree)
         ckpt.close()
-        if os.path.exists(summary_path):
-            with open(summary_path, encoding="utf-8") as f:
-                return json.load(f)
-        return {"finished": True, "iteration": restored.metadata.get("iteration")}
+        return _stopped_early(0 if restored is None else int(restored.metadata["iteration"]),
+                              stop)
     if restored is None:
         state = init_fn(jax.random.key(config.seed))
         start = 0
@@ -422,29 +567,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     else:
         state, meta = restored
         start = int(meta["iteration"])
-        if meta.get("config_hash") not in (None, _config_hash(config)):
-            logging.warning("Resuming with a config that differs from the checkpoint's.")
-        logging.info("Resuming from iteration %d in %s.", start, workdir)
+        verb = "Extending the finished run" if meta.get("finished") else "Resuming"
+        say(f"{verb} from iteration {start} in {workdir}.")
 
     t, total = config.train, config.train.iterations
     writer = reporting.MetricWriter(workdir, resume_step=start if restored else -1)
     logger = _Logger(writer, workdir, setup, steps.leaf_names(state.g_masks, setup),
                      steps.leaf_names(state.d_masks, setup), steps.leaf_sizes(state.g_masks, setup),
-                     steps.leaf_sizes(state.d_masks, setup), start if restored else None)
+                     steps.leaf_sizes(state.d_masks, setup), start if restored else None,
+                     health=config.get("health"))
     logger.log_initial(start, state)
     sample_z = jax.device_put(
         jax.random.normal(jax.random.key(config.seed + 1), (t.num_samples, setup.z_dim)),
         replicated)
 
+    config_dict = json.loads(config.to_json_best_effort())
+
     def metadata(iteration: int, finished: bool) -> dict[str, Any]:
         return {"iteration": iteration, "data_position": iteration * t.n_dis,
-                "finished": finished, "config_hash": _config_hash(config)}
+                "finished": finished, "config_hash": _config_hash(config),
+                "config": config_dict}
 
     batches = data.BatchIterator(source, start * t.n_dis, t.batch_size_d, seed=config.seed,
                                  flip=config.data.flip, stack=t.n_dis,
                                  prefetch=config.data.prefetch, mesh=mesh)
     bar = reporting.progress_bar(total, initial=start, enabled=primary and t.progress_bar)
-    stop = checkpoint.install_stop_handler()
     # XLA's in-process CPU collectives can deadlock when many multi-device steps are queued
     # ("Expected N threads to join the rendezvous"); on CPU meshes, wait for each step.
     sync_each_step = jax.default_backend() == "cpu" and mesh.size > 1
@@ -480,12 +627,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     logger.flush()
                     ckpt.save(iteration, state, metadata(iteration, False), force=True)
                     stopped = True
-                    logging.warning("Stop requested (signal %s): saved iteration %d in %s; "
-                                    "re-run the same command to resume.", stop.signum, iteration,
-                                    workdir)
+                    say(f"Stopped (signal {stop.signum}): saved iteration {iteration} in "
+                        f"{workdir}; re-run the same command to resume.")
                     break
     finally:
-        stop.close()
         bar.close()
         ckpt.wait_until_finished()
         best_fid = (ckpt.best_value(), ckpt.best_step())
@@ -494,6 +639,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     wall = time.perf_counter() - t_start
     summary = _summary(config, spec, setup, state, logger.last, iteration, total, stopped,
                        wall, iteration - start)
+    summary["config_history"] = rundir.read_history(workdir)
     if evals:
         summary["evaluations_this_session"] = evals
     if best_fid[0] is not None:  # over the whole run, from the best-checkpoint slot

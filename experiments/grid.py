@@ -15,7 +15,9 @@ Prints one command per line, e.g.::
 ready for a cluster scheduler (each run has its own workdir ``ROOT/BENCHMARK/PRESET_gD``; the
 dense run is ``ROOT/BENCHMARK/dense``; with ``--seeds`` a ``_sSEED`` suffix). A re-run of a
 command resumes its run; a finished run is reported and left alone. ``--launch`` runs the
-commands one after the other in this process's Python and stops at the first failure.
+commands one after the other in this process's Python, skips runs whose workdir holds a finished
+run and stops at the first failure; Ctrl-C or SIGTERM reaches the running child, which saves a
+checkpoint, and the grid waits for it, so re-launching the grid goes on where it stopped.
 
 Tables: ``1`` is paper Table 1 as SPEC section 7 restates it (relaxed setting): Dense,
 Static-Balance, SDST-Strong-RigL, ADAPT relaxed, and ADAPT strict (d_max 0.5) at every density.
@@ -34,10 +36,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 
 from experiments import presets
@@ -158,28 +163,90 @@ class LaunchError(RuntimeError):
     """A launched run failed; the runs after it were not started."""
 
 
-def launch(argvs: Sequence[Sequence[str]], *, python: str | None = None, stdout=None) -> None:
+class GridInterrupted(RuntimeError):
+    """A stop signal reached the grid; the running child got it and has finished saving."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _finished(workdir: str | None) -> bool:
+    """Whether ``workdir`` holds a finished run (its summary.json says so)."""
+    if not workdir:
+        return False
+    try:
+        with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+            return bool(json.load(f).get("finished"))
+    except (OSError, ValueError):
+        return False
+
+
+def _run_child(argv: Sequence[str]) -> tuple[int | None, str, list[int]]:
+    """Runs one command; SIGINT/SIGTERM to this process go to the child, which is then waited
+    for (it saves a checkpoint first). Returns (exit code, reason, signals forwarded)."""
+    try:
+        # Its own session: a Ctrl-C in the terminal reaches only this process, which passes
+        # exactly one signal on (a second Ctrl-C passes a second one: the child stops at once).
+        child = subprocess.Popen(argv, start_new_session=True)
+    except OSError as e:
+        return None, str(e), []
+    forwarded: list[int] = []
+
+    def forward(signum, frame):
+        forwarded.append(signum)
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:  # a handler could not be installed: still wait
+                forward(signal.SIGINT, None)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code, f"exit status {code}", forwarded
+
+
+def launch(argvs: Sequence[Sequence[str]], *, python: str | None = None, stdout=None,
+           workdirs: Sequence[str | None] | None = None) -> None:
     """Run the commands one after the other; ``LaunchError`` at the first that fails.
 
     ``python`` replaces the first word of every command (default: this interpreter).
+    ``workdirs`` (one per command) lets finished runs be skipped, so a re-launched grid goes on
+    where it stopped. A SIGINT/SIGTERM to this process is passed to the running command, which
+    saves a checkpoint; the grid waits for it and raises ``GridInterrupted``.
     """
     python = python or sys.executable
     out = stdout or sys.stdout
     total = len(argvs)
-    for i, argv in enumerate(argvs, 1):
+    workdirs = list(workdirs) if workdirs is not None else [None] * total
+    for i, (argv, workdir) in enumerate(zip(argvs, workdirs, strict=True), 1):
         argv = [python, *argv[1:]]
+        if _finished(workdir):
+            print(f"[{i}/{total}] finished, skipped: {workdir}", file=out, flush=True)
+            continue
         print(f"[{i}/{total}] {shlex.join(argv)}", file=out, flush=True)
-        try:
-            code = subprocess.run(argv, check=False).returncode
-        except OSError as e:
-            code, reason = None, str(e)
-        else:
-            reason = f"exit status {code}"
+        code, reason, forwarded = _run_child(argv)
+        if forwarded:
+            name = signal.Signals(forwarded[0]).name
+            raise GridInterrupted(
+                f"{name}: passed to run {i}/{total}, which stopped ({reason}; it saves a "
+                f"checkpoint before stopping). {total - i} later run(s) not started. Re-run the "
+                "grid to go on: finished runs are skipped, this one resumes.", forwarded[0])
         if code != 0:
             raise LaunchError(
                 f"run {i}/{total} failed ({reason}): {shlex.join(argv)}\n"
                 f"{total - i} later run(s) not started. Fix the cause and re-run the grid: runs "
-                "that finished are reported and left alone, an interrupted run resumes.")
+                "that finished are skipped, an interrupted run resumes.")
 
 
 def _floats(text: str) -> list[float]:
@@ -237,7 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(run.command)
         return 0
     try:
-        launch([r.argv for r in runs])
+        launch([r.argv for r in runs], workdirs=[r.workdir for r in runs])
+    except GridInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 128 + e.signum
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from ddst_jax import reporting
+from ddst_jax import reporting, rundir
 from experiments import paper_results, presets
 
 METRICS: tuple[tuple[str, str], ...] = (
@@ -192,6 +192,13 @@ def load_run(workdir: str, *, with_flops: bool = True) -> RunResult:
         iteration = max(int(r.get("step", 0)) for r in rows)
     run = RunResult(workdir, benchmark_of(config), method, g_density, finished, iteration,
                     iterations, config=config)
+    # Labels come from config.json, the run's latest configuration: say when it changed.
+    for change in rundir.read_history(workdir):
+        fields = [k for k in change.get("changes", {}) if not rundir.is_environment_field(k)]
+        if fields:
+            run.notes.append(f"config changed at iteration {change.get('iteration')}: "
+                             + ", ".join(f"{k} {change['changes'][k][0]!r} -> "
+                                         f"{change['changes'][k][1]!r}" for k in fields))
     if not finished:
         return run
     run.fid, run.inception_score = _scores(summary, rows)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference_fixtures as rf
+from model_helpers import key as model_key
 
 from ddst_jax import balance, control
 from ddst_jax import sparsity as sp
@@ -89,8 +90,8 @@ def test_forward_matches_reference():
 def test_default_sngan32_initialises_as_pytorch_does():
     # The lottery SNGAN keeps PyTorch's reset_parameters: U(+-1/sqrt(fan_in)) weights AND biases.
     G, D = models.build_models("sngan32")
-    g = G.init(jax.random.key(0), jnp.zeros((1, 128)), train=False)["params"]
-    d = D.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))["params"]
+    g = G.init(model_key(0), jnp.zeros((1, 128)), train=False)["params"]
+    d = D.init(model_key(1), jnp.zeros((1, 32, 32, 3)))["params"]
     cases = [  # (leaf, fan_in, bound from the fixtures' README, PyTorch layout)
         (g["block1"]["conv1"], 2304, 0.020833), (g["dense"], 128, 0.088388),
         (g["block2"]["shortcut"], 256, 0.0625), (g["conv_out"], 2304, 0.020833),
@@ -114,12 +115,13 @@ def test_default_sngan32_initialises_as_pytorch_does():
 def test_sngan48_defaults_are_the_authors_resnet48():
     # resnet.48: kaiming_normal_ (fan_in, gain sqrt 2) on every conv/linear, zero biases, mean pool,
     # a head bias.
-    G, D = models.build_models("sngan48")
+    G, D = models.build_models("sngan48", g_ch=64, d_ch=256)  # smaller, same layers and init
     assert (D.pool, D.head_bias, G.init_scheme, D.init_scheme) == ("mean", True, "kaiming",
                                                                    "kaiming")
-    d = D.init(jax.random.key(0), jnp.zeros((1, 48, 48, 3)))["params"]
-    conv = np.asarray(d["block3"]["conv1"]["kernel"])  # 3x3, 128 -> 256
-    assert np.std(conv) == pytest.approx(np.sqrt(2 / (9 * 128)), rel=0.05)
+    d = D.init(model_key(0), jnp.zeros((1, 48, 48, 3)))["params"]
+    conv = np.asarray(d["block3"]["conv1"]["kernel"])  # 3x3, 32 -> 64
+    assert conv.shape == (3, 3, 32, 64)
+    assert np.std(conv) == pytest.approx(np.sqrt(2 / (9 * 32)), rel=0.05)
     assert not np.any(np.asarray(d["block3"]["conv1"]["bias"]))
     assert not np.any(np.asarray(d["head"]["bias"]))
 

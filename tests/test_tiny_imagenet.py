@@ -15,7 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddst_jax import data
+from ddst_jax import data, datasets
 from ddst_jax.datasets import ensure_registered
 from ddst_jax.datasets import tiny_imagenet as tin
 
@@ -180,6 +180,7 @@ def test_downloads_url_without_manual_archive(tmp_path, monkeypatch):
     monkeypatch.setattr(
         tfds.download.DownloadManager, "download_and_extract", fake_download_and_extract
     )
+    monkeypatch.setattr(datasets, "check_reachable", lambda url: None)  # "online"
     builder = tin.prepare(str(tmp_path / "tfds"))
     assert requested == [tin.URL]
     assert builder.info.splits["validation"].num_examples == len(VAL)
@@ -205,6 +206,7 @@ def test_failed_download_says_where_to_put_the_archive(tmp_path, monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", offline)
+    monkeypatch.setattr(datasets, "check_reachable", lambda url: None)  # the host answers
     with pytest.raises(FileNotFoundError, match="downloads/manual") as info:
         tin.prepare(str(tmp_path))
     assert tin.ARCHIVE_NAME in str(info.value) and "no network" in str(info.value)

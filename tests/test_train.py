@@ -145,10 +145,14 @@ def test_controller_in_the_loop_moves_d_density(band, direction, tmp_path):
 
 
 class _StopAfter:
-    """A stop flag that reports a stop request once ``n`` iterations have been checked."""
+    """A stop flag that reports a stop request once ``n`` iterations have been checked.
+
+    The runner also checks once before the first iteration (a signal during start-up), so
+    the flag answers "no" ``n`` times after that first check.
+    """
 
     def __init__(self, n):
-        self.n, self.calls, self.signum = n, 0, 15
+        self.n, self.calls, self.signum = n + 1, 0, 15
 
     @property
     def requested(self):

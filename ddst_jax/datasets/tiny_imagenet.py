@@ -36,6 +36,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, UnidentifiedImageError
 
+from ddst_jax import datasets
+
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 ARCHIVE_NAME = "tiny-imagenet-200.zip"
 ARCHIVE_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"  # Of the official zip (for manual checks).
@@ -304,6 +306,8 @@ as DownloadConfig(manual_dir=...) / --manual_dir. Without it the builder downloa
                 if candidate.exists():
                     return candidate
         try:
+            # Offline, TFDS's downloader retries for minutes: find out in seconds instead.
+            datasets.check_reachable(URL)
             return dl_manager.download_and_extract(URL)
         except Exception as e:  # No network, HTTP error, bad archive: say how to do it by hand.
             raise FileNotFoundError(
@@ -321,7 +325,8 @@ def prepare(
     """
     builder = TinyImagenet(data_dir=data_dir, file_format=tfds.core.FileFormat.ARRAY_RECORD)
     config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    builder.download_and_prepare(download_config=config)
+    with datasets.removed_on_failure(data_dir):
+        builder.download_and_prepare(download_config=config)
     return builder
 
 
@@ -369,7 +374,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         count = prepare_npz(args.archive, args.npz, args.split)
         print(f"Wrote {count} images of split {args.split!r} to {args.npz}.")
         return
-    builder = prepare(args.data_dir, manual_dir=args.manual_dir)
+    try:
+        builder = prepare(args.data_dir, manual_dir=args.manual_dir)
+    except FileNotFoundError as e:  # no archive and no network: the message says what to do
+        raise SystemExit(f"error: {e}") from None
     splits = {name: info.num_examples for name, info in builder.info.splits.items()}
     print(f"Prepared tiny_imagenet in {builder.data_dir}: {splits}.")
 

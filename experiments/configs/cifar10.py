@@ -91,6 +91,12 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.control.d_min = 0.05  # D density floor.
     c.control.d_max = 0.5  # D density cap of the strict setting.
 
+    c.health = ml_collections.ConfigDict()
+    # Stop a run whose loss/d and loss/g both stay unchanged this many iterations (0: off).
+    c.health.pinned_iterations = 2000
+    c.health.pinned_tolerance = 1e-5  # "Unchanged": within this times (1 + |loss|).
+    c.health.nonfinite_br = True  # Stop when a full BR window holds no finite ratio.
+
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 5000  # Iterations between FID/IS evaluations (also at the end); 0: never.
     c.eval.num_samples = 50_000  # EMA-G samples per evaluation (the paper: 50k).
