@@ -374,6 +374,8 @@ def plot_curves(
         drawn = [(key, style, scalar_series(rows, key)) for key, style in series]
         drawn = [(key, style, xy) for key, style, xy in drawn if np.isfinite(xy[1]).any()]
         if not drawn:
+            say(f"No finite value of {', '.join(key for key, _ in series)} to plot: "
+                f"{name} not written.")
             return
         figure = Figure(figsize=(7, 4), layout="constrained")
         ax = figure.add_subplot()

@@ -134,7 +134,7 @@ def test_image_grid_layout_and_png_size(tmp_path):
         image_grid(np.zeros((8, 8, 3), np.uint8))
 
 
-def test_plot_curves_from_a_metrics_file(tmp_path):
+def test_plot_curves_from_a_metrics_file(tmp_path, capsys):
     metrics = tmp_path / "metrics.jsonl"
     rng = np.random.default_rng(0)
     with MetricWriter(tmp_path, enabled=True, tensorboard=False) as writer:
@@ -150,6 +150,7 @@ def test_plot_curves_from_a_metrics_file(tmp_path):
     # Custom keys; a plot without data is skipped, and no data at all is an error.
     only = plot_curves(metrics, tmp_path / "p2", br_key="x", br_windowed_key="y")
     assert [os.path.basename(p) for p in only] == ["density.png"]
+    assert "No finite value of x, y to plot: br.png not written." in capsys.readouterr().err
     with pytest.raises(ValueError, match="available scalars"):
         plot_curves(metrics, tmp_path / "p3", br_key="x", br_windowed_key="y", density_keys=())
 
