@@ -14,11 +14,11 @@ Rows (issue #6 targets):
 - ``BR`` (<= 3%): (iteration that measures BR - ordinary) / br_every. ``iso``: the BR forwards
   (``steps.br_forwards``: G_post(z), D on it and on x_r, the ratio, the window push) alone.
 - ``G mask update`` (<= 1%): (iteration with G's drop-and-grow - the same without) / dT_G.
-  ``iso``: ``steps._g_mask_update`` alone on the full tree (global RigL by default).
+  ``iso``: ``steps.g_mask_update`` alone on the full tree (global RigL by default).
 - ``D decision`` (<= 1%): (iteration with D's density decision - the same without) / dT_D.
   The BR window is filled with BR = 1000 (>= B+) so the decision is a real resize (grow by
   delta, a sort over all of D) rather than the no-op of an in-band BR. ``iso``:
-  ``steps._d_density_update`` alone.
+  ``steps.d_density_update`` alone.
 - ``EMA`` (no target): the sparse EMA's tree_map (as in ``steps.train_iteration``) on G alone,
   every iteration.
 
@@ -58,6 +58,7 @@ from absl import app, flags
 from benchmarks.common import rotated, stand_in_grads
 from ddst_jax import balance, memory, train
 from ddst_jax import sparsity as sp
+from ddst_jax.gan import setup as setup_lib
 from ddst_jax.gan import steps
 from experiments.configs import cifar10 as cifar10_config
 
@@ -95,13 +96,13 @@ def make_config(method: str, g_ch: int, d_ch: int, batch_g: int, batch_d: int, n
     return c
 
 
-def scheduled_events(setup: steps.GanSetup) -> dict[str, int]:
+def scheduled_events(setup: setup_lib.GanSetup) -> dict[str, int]:
     """Event name -> interval in iterations, for the events this method's iteration has."""
-    events = {"BR": setup.br_every}
-    if setup.method.g_dynamic:
-        events["G mask update"] = setup.g_update_every
-    if setup.method.d_control != "static":
-        events["D decision"] = setup.density_control.every
+    events = {"BR": setup.balance.every}
+    if setup.sparsity.method.g_dynamic:
+        events["G mask update"] = setup.sparsity.g_update_every
+    if setup.sparsity.method.d_control != "static":
+        events["D decision"] = setup.control.every
     return events
 
 
@@ -137,7 +138,7 @@ def variant_name(work: frozenset[str]) -> str:
     return "ordinary" if not work else "".join(f"+{e}" for e in EVENTS if e in work)
 
 
-def apply_masks_per_iteration(setup: steps.GanSetup) -> tuple[int, int]:
+def apply_masks_per_iteration(setup: setup_lib.GanSetup) -> tuple[int, int]:
     """Calls of ``apply_masks`` on (G, D) in one ordinary iteration of ``steps.train_iteration``.
 
     G: its effective weights for the D steps and for the G step, and the re-zeroing after its
@@ -145,10 +146,10 @@ def apply_masks_per_iteration(setup: steps.GanSetup) -> tuple[int, int]:
     its effective weights in the G step (1). The RigL optimizer policy also masks the gradients
     (G +1, D +n_dis). Dense: none. ``tests/test_benchmarks.py`` checks this against a trace.
     """
-    if not setup.method.masked:
+    if not setup.sparsity.method.masked:
         return 0, 0
-    rigl = int(setup.method.policy == "rigl")
-    return 3 + rigl, 2 * setup.n_dis + 1 + rigl * setup.n_dis
+    rigl = int(setup.sparsity.method.policy == "rigl")
+    return 3 + rigl, 2 * setup.train.n_dis + 1 + rigl * setup.train.n_dis
 
 
 @dataclasses.dataclass
@@ -156,7 +157,7 @@ class MethodBench:
     """One method's compiled iteration, its prepared state and the step of each variant."""
 
     name: str
-    setup: steps.GanSetup
+    setup: setup_lib.GanSetup
     compiled: Any
     compile_s: float
     state: steps.TrainState
@@ -182,12 +183,12 @@ def build_method(method: str, sizes: dict[str, int], real: jax.Array, labels: ja
     setup = train.build_setup(config, train.validate_config(config))
     init_fn, iterate, replicated = train.compile_fns(setup, config, train.make_mesh(1))
     state = init_fn(jax.random.key(0))
-    if setup.method.d_control != "static":
+    if setup.sparsity.method.d_control != "static":
         state = jax.device_put(_full_window(state), replicated)
     t0 = time.perf_counter()
     compiled = iterate.lower(state, real, labels).compile()
     compile_s = time.perf_counter() - t0
-    total = setup.total_iterations
+    total = setup.train.total_iterations
     events = scheduled_events(setup) if with_events else {}
     pairs = event_pairs(events, total)
     works = {frozenset()} | {w for pair in pairs.values() for w in pair}
@@ -218,18 +219,18 @@ def isolated_pieces(bench: MethodBench, real: jax.Array, labels: jax.Array
     d_grads = stand_in_grads(state.d_params, jax.random.key(4))
 
     def br(state, real, labels, key):
-        z = jax.random.normal(key, (setup.batch_g, setup.z_dim))
-        y = steps.sample_labels(key, setup.batch_g, setup)
+        z = jax.random.normal(key, (setup.train.batch_g, setup.model.z_dim))
+        y = steps.sample_labels(key, setup.train.batch_g, setup)
         br = steps.br_forwards(setup, state.g_params, state.g_state, state.g_masks,
                                state.d_params, state.d_state, state.d_masks, z, y, real[-1],
                                labels[-1])
         a, c = br.a_scores, br.c_scores
         # b = D(G_pre(z)) comes free with the G step's loss; a stand-in keeps the shapes.
-        ratio = balance.balance_ratio(c, jnp.zeros_like(a), a, setup.br_eps)
+        ratio = balance.balance_ratio(c, jnp.zeros_like(a), a, setup.balance.eps)
         return ratio, balance.push(state.br_window, ratio)
 
     def ema(g_ema, g_masks, g_params):  # as in steps.train_iteration
-        return steps.sparse_ema(g_ema, g_masks, g_params, setup.ema_decay)
+        return steps.sparse_ema(g_ema, g_masks, g_params, setup.train.ema_decay)
 
     pieces = {
         "apply_masks G": (jax.jit(sp.apply_masks), (state.g_params, state.g_masks)),
@@ -239,14 +240,14 @@ def isolated_pieces(bench: MethodBench, real: jax.Array, labels: jax.Array
     }
     if "G mask update" in events:
         def g_update(state, grads, t):
-            return steps._g_mask_update(setup, t, state.g_params, state.g_masks, state.g_opt,
+            return steps.g_mask_update(setup, t, state.g_params, state.g_masks, state.g_opt,
                                         grads, state.key)
 
         t = jnp.int32(events["G mask update"])
         pieces["G mask update"] = (jax.jit(g_update), (state, g_grads, t))
     if "D decision" in events:
         def d_decision(state, grads, t):
-            return steps._d_density_update(setup, t, state.controller, state.br_window,
+            return steps.d_density_update(setup, t, state.controller, state.br_window,
                                            state.d_params, state.d_masks, state.d_opt, grads,
                                            state.key)
 
@@ -407,8 +408,9 @@ def run(methods: list[str], *, g_ch: int, d_ch: int, batch_g: int, batch_d: int,
     s = benches[-1].setup
     header = (
         f"backend={jax.default_backend()} G ch {g_ch} / D ch {d_ch}, batch G {batch_g} / D "
-        f"{batch_d}, n_dis {n_dis}; schedule: BR every {s.br_every}, dT_G {s.g_update_every}, "
-        f"dT_D {s.density_control.every}, EMA {s.ema_decay}; medians of {reps} interleaved "
+        f"{batch_d}, n_dis {n_dis}; schedule: BR every {s.balance.every}, dT_G "
+        f"{s.sparsity.g_update_every}, dT_D {s.control.every}, EMA {s.train.ema_decay}; "
+        f"medians of {reps} interleaved "
         f"rounds (isolated pieces: {reps * iso_reps} calls); dense ordinary iteration "
         f"{statistics.median(dense):.3f} s, spread (max-min)/median {100 * spread:.1f}%")
     return "\n\n".join([

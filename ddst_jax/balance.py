@@ -1,4 +1,4 @@
-"""The balance ratio (BR) and its fixed-size window, as pure functions (SPEC section 2).
+"""The balance ratio (BR) and its fixed-size window, as pure functions (docs/method.md section 2).
 
 For one iteration, after its n_dis D updates, with z the G step's noise batch and x_r the real
 batch of the last D step:
@@ -76,7 +76,7 @@ class BRWindow(NamedTuple):
 
 
 def window_size(window_iterations: int = 1000, br_every: int = 10) -> int:
-    """Entries of the window: ``window_iterations // br_every`` (SPEC default 1000 // 10 = 100).
+    """Entries of the window: ``window_iterations // br_every`` (the paper's 1000 // 10 = 100).
 
     >>> window_size(), window_size(1000, 50)
     (100, 20)

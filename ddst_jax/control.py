@@ -1,11 +1,29 @@
-"""D-density controllers as pure functions (SPEC section 6): static, ADAPT relaxed/strict, DDA.
+"""D-density controllers: a small protocol, a registry, the paper's controllers, and the step
+that turns a decision into new masks (docs/method.md section 6).
 
-Densities are tracked as integer active counts of D's maskable weights, never as floats compared
-for equality: a move changes the count by exactly ``round(delta * N_D)`` weights, clipped to
-``[round(d_min * N_D), round(cap * N_D)]``; a move that would stop less than half a step short of
-the cap or floor goes all the way to it (no near-empty moves caused by rounding). A controller
-decides only on decision steps (every ``every`` iterations, never at the final one) and only once
-the BR window is full.
+A **controller** is a hashable object with two pure, jittable functions:
+
+- ``init(d_count) -> state``: its state pytree (checkpointed with the run), from D's active count;
+- ``step(state, window, iteration) -> (state, Decision)``: after iteration ``iteration``
+  (1-based), from the BR window (``balance.BRWindow``).
+
+``CONTROLLERS`` maps config names to factories ``(ControlOptions, ControllerContext) ->
+controller``; ``register(name)`` adds one, ``make_controller`` builds one. A ``Decision`` is an
+action and D's target active count, and ``apply_decision`` (no GAN code) turns it into a
+``sparsity.MaskUpdate``:
+
+- ``GROW``: ``resize`` up to ``target_count`` by the grow score (|dL_D/d(w*m)|); new weights 0;
+- ``PRUNE``: ``resize`` down to ``target_count`` by the drop score (|w|);
+- ``DST``: one drop-and-grow update at constant density (the strict setting at its cap);
+- ``NONE``: nothing.
+
+The paper's controllers (``"static"``, ``"relaxed"``, ``"strict"``, ``"dda"``: ``DensityControl``)
+track densities as integer active counts of D's maskable weights, never as floats compared for
+equality: a move changes the count by exactly ``round(delta * N_D)`` weights, clipped to
+``[round(d_min * N_D), round(cap * N_D)]``; a move that would stop less than half a step short
+of the cap or floor goes all the way to it (no near-empty moves caused by rounding). They decide
+only on decision steps (every ``every`` iterations, never at the final one) and only once the BR
+window is full.
 
 ``make_density_control(..., reference_exact=True)`` instead reproduces the paper's code
 exactly: it tracks d_D as the float the code keeps (``d +- delta`` in float64, clipped, so 0.1 +
@@ -16,27 +34,27 @@ ratios, and compares the plain mean of the window, non-finite ratios included (a
 reads as "D too weak"). The float64 arithmetic runs on the host when the control is built: the
 reachable densities form a small table, and the jitted step only indexes it.
 
-A ``Decision`` says what the runner must do to D's masks:
-
-- ``GROW``: ``resize`` up to ``target_count`` by |dL_D/d(w*m)| (new weights start at 0);
-- ``PRUNE``: ``resize`` down to ``target_count`` by |w|;
-- ``DST``: strict setting at the cap with BR still high: one drop-and-grow update of D;
-- ``NONE``: nothing.
+``ProportionalControl`` (``"proportional"``) is the worked example of a new controller: see
+docs/design.md, "Adding a controller".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ddst_jax import balance
+from ddst_jax import sparsity as sp
 from ddst_jax.sparsity.masks import count_for_density, validate_density
 from ddst_jax.sparsity.schedules import is_update_step
+
+PyTree = Any
 
 NONE, GROW, PRUNE, DST = 0, 1, 2, 3
 ACTION_NAMES = ("none", "grow", "prune", "dst")
@@ -51,8 +69,21 @@ _KIND_DEFAULTS = {
 }
 
 
+class _CountBandController:
+    """What controllers share whose state is D's active count and who decide by a band."""
+
+    @property
+    def band(self) -> tuple[float, float]:
+        """(B-, B+)."""
+        return self.band_low, self.band_high
+
+    def init(self, d_count: int | jax.Array) -> ControllerState:
+        """The state at D's current active count (level 0: the starting density)."""
+        return ControllerState(jnp.asarray(d_count, jnp.int32), jnp.zeros((), jnp.int32))
+
+
 @dataclasses.dataclass(frozen=True)
-class DensityControl:
+class DensityControl(_CountBandController):
     """Static (hashable) controller configuration, in integer counts of D's maskable weights.
 
     >>> c = make_density_control('relaxed', 1000, 10_000)
@@ -73,6 +104,11 @@ class DensityControl:
     min_measurements: int = 0
     # reference_exact: the float densities the paper's code can reach and their moves.
     reference_levels: ReferenceLevels | None = None
+
+    def step(self, state: ControllerState, window: balance.BRWindow,
+             iteration: int | jax.Array) -> tuple[ControllerState, Decision]:
+        """``controller_step`` with this configuration."""
+        return controller_step(state, window, iteration, self)
 
     @property
     def dst_at_cap(self) -> bool:
@@ -166,7 +202,7 @@ def make_density_control(
     d_start: float | None = None,
     min_measurements: int = 0,
 ) -> DensityControl:
-    """Build a controller config; unset fields take the kind's SPEC defaults.
+    """Build a controller config; unset fields take the kind's defaults (the paper's).
 
     Args:
       kind: ``"static"``, ``"relaxed"`` (ADAPT, cap 1.0, dT_D 1000), ``"strict"`` (ADAPT, cap
@@ -351,3 +387,230 @@ def _reference_step(state: ControllerState, window: balance.BRWindow, decide: ja
     action = jnp.where(grow, GROW, jnp.where(prune, PRUNE, jnp.where(dst, DST, NONE)))
     return (ControllerState(new_count, new_level),
             Decision(action.astype(jnp.int32), new_count))
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+class Controller(Protocol):
+    """What the training step needs of a D-density controller (hashable: it is static config).
+
+    ``every`` is its decision interval in iterations (for FLOPs accounting and logs); ``band``
+    its (B-, B+) when it has one (drawn on BR plots), else None.
+    """
+
+    every: int
+
+    @property
+    def band(self) -> tuple[float, float] | None: ...
+
+    def init(self, d_count: int | jax.Array) -> PyTree: ...
+
+    def step(self, state: PyTree, window: balance.BRWindow,
+             iteration: int | jax.Array) -> tuple[PyTree, Decision]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlOptions:
+    """The config's ``control`` block: what a controller factory may read.
+
+    ``None`` means "the controller's own default" (e.g. dT_D 1000 relaxed, 2000 strict).
+    """
+
+    controller: str | None = None  # registry name; None: the method's (relaxed/strict/dda)
+    every: int | None = None  # dT_D in iterations
+    band_low: float | None = None  # B-
+    band_high: float | None = None  # B+
+    delta: float = 0.05  # density step of the paper's controllers
+    d_min: float = 0.05  # density floor
+    d_max: float = 0.5  # the strict setting's cap
+    gain: float = 0.5  # "proportional": density change per unit of BR outside the band
+    max_step: float = 0.1  # "proportional": largest density change per decision
+    reference_exact: bool = False  # the paper code's float arithmetic (paper controllers)
+    min_measurements: int = 0  # BR measurements before a decision; 0: a full window
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerContext:
+    """What a controller factory knows about the run.
+
+    Attributes:
+      n_weights: N_D, D's maskable weights.
+      total_iterations: the run's length (no decision at its final iteration).
+      d_start: D's starting density.
+      cap: the method's density cap (1.0 relaxed, d_max strict); None: the controller's own.
+    """
+
+    n_weights: int
+    total_iterations: int
+    d_start: float
+    cap: float | None = None
+
+
+ControllerFactory = Callable[[ControlOptions, ControllerContext], Controller]
+#: Config name -> factory. ``register`` adds to it.
+CONTROLLERS: dict[str, ControllerFactory] = {}
+
+
+def register(name: str) -> Callable[[ControllerFactory], ControllerFactory]:
+    """Decorator adding a controller factory under a config name (``control.controller``).
+
+    >>> @register("never")
+    ... def _never(options, context):
+    ...     return make_density_control("static", context.n_weights, context.total_iterations)
+    >>> "never" in CONTROLLERS
+    True
+    >>> del CONTROLLERS["never"]
+    """
+    def add(factory: ControllerFactory) -> ControllerFactory:
+        if name in CONTROLLERS and CONTROLLERS[name] is not factory:
+            raise ValueError(f"A controller named {name!r} is already registered.")
+        CONTROLLERS[name] = factory
+        return factory
+
+    return add
+
+
+def make_controller(name: str, options: ControlOptions, context: ControllerContext
+                    ) -> Controller:
+    """The controller registered as ``name``, built for this run.
+
+    >>> c = make_controller("relaxed", ControlOptions(), ControllerContext(1000, 10_000, 0.1))
+    >>> c.every, c.band, int(c.init(100).count)
+    (1000, (0.45, 0.55), 100)
+    """
+    try:
+        factory = CONTROLLERS[name]
+    except KeyError:
+        raise ValueError(f"Unknown controller {name!r}; registered: "
+                         f"{', '.join(sorted(CONTROLLERS))}.") from None
+    return factory(options, context)
+
+
+def _paper_controller(kind: str) -> ControllerFactory:
+    def build(options: ControlOptions, context: ControllerContext) -> DensityControl:
+        band = None
+        if options.band_low is not None or options.band_high is not None:
+            low, high, _, _ = _KIND_DEFAULTS[kind]
+            band = (low if options.band_low is None else options.band_low,
+                    high if options.band_high is None else options.band_high)
+        return make_density_control(
+            kind, context.n_weights, context.total_iterations, band=band, every=options.every,
+            delta=options.delta, d_min=options.d_min, d_max=options.d_max, cap=context.cap,
+            reference_exact=options.reference_exact, d_start=context.d_start,
+            min_measurements=options.min_measurements)
+
+    build.__doc__ = f"The paper's {kind!r} controller (``make_density_control``)."
+    return build
+
+
+for _kind in KINDS:
+    register(_kind)(_paper_controller(_kind))
+
+
+# ----------------------------------------------------------------------------- decisions -> masks
+
+
+def apply_decision(masks: PyTree, decision: Decision, drop_scores: PyTree, grow_scores: PyTree,
+                   *, drop_fraction: float | jax.Array, scope: str = "global",
+                   is_maskable: sp.masks.MaskablePredicate | None = None) -> sp.MaskUpdate:
+    """The masks after a controller's decision, as a ``sparsity.MaskUpdate`` (jittable).
+
+    GROW and PRUNE ``resize`` the maskable leaves together to ``decision.target_count``
+    (growing by ``grow_scores``, e.g. |dL/d(w*m)|; pruning by ``drop_scores``, e.g. |w|); DST
+    runs one ``drop_and_grow`` at ``drop_fraction`` within ``scope``; NONE changes nothing
+    (``grown`` all False). Follow with ``sparsity.params_after_update`` (grown weights start
+    at 0) and, for optimizer state, ``sparsity.optimizer_state_after_regrowth``.
+
+    >>> m = {'kernel': jnp.array([[True, False], [False, True]])}
+    >>> w = {'kernel': jnp.array([[0.5, 0.0], [0.0, 0.1]])}
+    >>> g = {'kernel': jnp.array([[0.0, 0.9], [0.2, 0.0]])}
+    >>> grow = Decision(jnp.asarray(GROW, jnp.int32), jnp.asarray(3, jnp.int32))
+    >>> apply_decision(m, grow, w, g, drop_fraction=0.5).masks['kernel'].tolist()
+    [[True, True], [False, True]]
+    >>> prune = Decision(jnp.asarray(PRUNE, jnp.int32), jnp.asarray(1, jnp.int32))
+    >>> apply_decision(m, prune, w, g, drop_fraction=0.5).masks['kernel'].tolist()
+    [[True, False], [False, False]]
+    """
+    def none(_: None) -> sp.MaskUpdate:
+        return sp.MaskUpdate(masks, masks, jax.tree_util.tree_map(jnp.zeros_like, masks))
+
+    def resize(_: None) -> sp.MaskUpdate:
+        return sp.resize_update(masks, decision.target_count, drop_scores, grow_scores,
+                                is_maskable=is_maskable)
+
+    def dst(_: None) -> sp.MaskUpdate:
+        return sp.drop_and_grow_update(masks, drop_scores, grow_scores, drop_fraction,
+                                       scope=scope, is_maskable=is_maskable)
+
+    branches: list[Callable[[None], sp.MaskUpdate]] = [none] * 4
+    branches[GROW], branches[PRUNE], branches[DST] = resize, resize, dst
+    return jax.lax.switch(decision.action, branches, None)
+
+
+# ----------------------------------------------------------------------------- worked example
+
+
+@dataclasses.dataclass(frozen=True)
+class ProportionalControl(_CountBandController):
+    """A controller that moves d_D in proportion to how far BR lies outside the band.
+
+    At a decision (every ``every`` iterations, not the last, with a full window and a finite
+    windowed BR), with BR above B+ by e (or below B- by e), d_D changes by
+    ``min(gain * e, max_step)`` (up, or down), in whole weights, clipped to [d_min, cap].
+    Inside the band it does nothing. Unlike the paper's fixed +-0.05 steps, a BR far outside
+    the band moves D further, and a BR just outside barely moves it.
+
+    >>> c = make_controller("proportional", ControlOptions(gain=0.5),
+    ...                     ControllerContext(1000, 10_000, 0.3))
+    >>> w = balance.push(balance.push(balance.init_window(2), 0.75), 0.75)  # BR 0.2 above B+
+    >>> state, d = c.step(c.init(300), w, 1000)
+    >>> ACTION_NAMES[int(d.action)], int(d.target_count)  # +0.5 * 0.2 of 1000 weights
+    ('grow', 400)
+    """
+
+    n_weights: int
+    total_iterations: int
+    every: int
+    band_low: float
+    band_high: float
+    gain: float
+    max_step_count: int
+    min_count: int
+    cap_count: int
+
+    def step(self, state: ControllerState, window: balance.BRWindow,
+             iteration: int | jax.Array) -> tuple[ControllerState, Decision]:
+        count = jnp.asarray(state.count, jnp.int32)
+        br = balance.windowed_mean(window)
+        decide = jnp.asarray(is_update_step(iteration, self.every, self.total_iterations))
+        decide = decide & balance.is_full(window) & jnp.isfinite(br)
+        excess = jnp.where(br > self.band_high, br - self.band_high,
+                           jnp.where(br < self.band_low, br - self.band_low, 0.0))
+        move = jnp.round(self.gain * excess * self.n_weights)
+        move = jnp.clip(move, -self.max_step_count, self.max_step_count).astype(jnp.int32)
+        target = jnp.clip(count + jnp.where(decide, move, 0), self.min_count, self.cap_count)
+        target = target.astype(jnp.int32)
+        action = jnp.where(target > count, GROW, jnp.where(target < count, PRUNE, NONE))
+        return (ControllerState(target, state.level),
+                Decision(action.astype(jnp.int32), target))
+
+
+@register("proportional")
+def _proportional(options: ControlOptions, context: ControllerContext) -> ProportionalControl:
+    low, high, every, cap = _KIND_DEFAULTS["relaxed"]
+    low = low if options.band_low is None else options.band_low
+    high = high if options.band_high is None else options.band_high
+    cap = cap if context.cap is None else context.cap
+    if not low < high:
+        raise ValueError(f"`band` must satisfy B- < B+, got {(low, high)}.")
+    if options.gain <= 0 or not 0 < options.max_step <= 1:
+        raise ValueError("proportional control needs gain > 0 and max_step in (0, 1], got "
+                         f"gain={options.gain}, max_step={options.max_step}.")
+    n = context.n_weights
+    return ProportionalControl(
+        n_weights=n, total_iterations=context.total_iterations,
+        every=every if options.every is None else int(options.every), band_low=float(low),
+        band_high=float(high), gain=float(options.gain),
+        max_step_count=count_for_density(options.max_step, n),
+        min_count=count_for_density(options.d_min, n), cap_count=count_for_density(cap, n))

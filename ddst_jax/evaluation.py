@@ -1,4 +1,4 @@
-"""FID and Inception Score of the EMA generator during training (SPEC section 8).
+"""FID and Inception Score of the EMA generator during training (docs/method.md section 8).
 
 Samples ``num_samples`` images from the EMA generator with a fixed noise key (so evaluations of
 one run are comparable), in batches sharded over the data mesh like training, and scores them
@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddst_jax import data, reporting
+from ddst_jax.gan import setup as setup_lib
 from ddst_jax.gan import steps
 from ddst_jax.metrics import fid, inception
 
@@ -30,7 +31,7 @@ FeaturesFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 class Evaluator:
     """Computes FID / IS of a train state's EMA generator."""
 
-    setup: steps.GanSetup
+    setup: setup_lib.GanSetup
     mesh: jax.sharding.Mesh
     features_fn: FeaturesFn
     reference: tuple[np.ndarray, np.ndarray]
@@ -47,26 +48,24 @@ class Evaluator:
     def __call__(self, state: steps.TrainState) -> dict[str, float]:
         """Returns ``{"eval/fid", "eval/is", "eval/is_std"}`` of ``state.g_ema``."""
         sharding = NamedSharding(self.mesh, P("data"))
-        pools, logits = [], []
         key = jax.random.key(self.seed)
-        for start in range(0, self.num_samples, self.batch_size):
+
+        def samples(start: int, size: int) -> jax.Array:
+            # Full batches of samples; the extra ones of the last batch are dropped.
             k_z, k_y = jax.random.split(jax.random.fold_in(key, start))
-            z = jax.device_put(jax.random.normal(k_z, (self.batch_size, self.setup.z_dim)),
-                               sharding)
-            y = steps.sample_labels(k_y, self.batch_size, self.setup)
-            images = self._generate(state, z, None if y is None else jax.device_put(y, sharding))
-            pool, logit = self.features_fn(images)
-            keep = min(self.batch_size, self.num_samples - start)
-            pools.append(np.asarray(jax.device_get(pool))[:keep])
-            logits.append(np.asarray(jax.device_get(logit))[:keep])
-        pool, logit = np.concatenate(pools), np.concatenate(logits)
+            z = jax.device_put(jax.random.normal(k_z, (size, self.setup.model.z_dim)), sharding)
+            y = steps.sample_labels(k_y, size, self.setup)
+            return self._generate(state, z, None if y is None else jax.device_put(y, sharding))
+
+        pool, logit = inception.batched(self.features_fn, samples, self.num_samples,
+                                        self.batch_size)
         mu, sigma = fid.feature_statistics(pool)
         score = fid.frechet_distance(mu, sigma, *self.reference)
         is_mean, is_std = fid.inception_score(logit, splits=min(self.splits, len(logit)))
         return {"eval/fid": float(score), "eval/is": float(is_mean), "eval/is_std": float(is_std)}
 
 
-def _generate_uint8(setup: steps.GanSetup, state: steps.TrainState, z: jax.Array,
+def _generate_uint8(setup: setup_lib.GanSetup, state: steps.TrainState, z: jax.Array,
                     y: jax.Array | None, train_bn: bool) -> jax.Array:
     """uint8 (B, H, W, 3) samples of the EMA generator (pixels rounded as PNG writers do)."""
     images = steps.generate(setup, state.g_ema, state.g_state, state.g_masks, z, y,
@@ -78,6 +77,20 @@ def inception_features_fn(weights_path: str | None) -> FeaturesFn:
     """The FID Inception's (pool, logits) with weights from a path or the cache/download."""
     variables = inception.load_weights(weights_path)
     return lambda images: inception.features(variables, images)
+
+
+def source_features(source: data.ImageSource, features_fn: FeaturesFn,
+                    mesh: jax.sharding.Mesh, batch_size: int) -> np.ndarray:
+    """float32 (len(source), 2048) pool features of every image of ``source``, in order,
+    ``batch_size`` images per call sharded over the mesh's data axis."""
+    n = len(source)
+    sharding = NamedSharding(mesh, P("data"))
+
+    def real_images(start: int, size: int) -> jax.Array:
+        images, _ = source.read(np.arange(start, start + size) % n)  # the last batch wraps
+        return jax.device_put(images, sharding)
+
+    return inception.batched(features_fn, real_images, n, batch_size)[0]
 
 
 def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
@@ -97,16 +110,10 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
     cached = os.path.join(workdir, "reference_stats.npz")
     if os.path.exists(cached):
         return fid.load_statistics(cached)
-    n, batch = len(source), config.eval.batch_size
-    reporting.say(f"Computing FID reference statistics of {n} training images (once).")
-    sharding = NamedSharding(mesh, P("data"))
-    pools = []
-    for start in range(0, n, batch):
-        idx = np.arange(start, start + batch) % n  # the last batch wraps; extra rows dropped
-        images, _ = source.read(idx)
-        pool, _ = features_fn(jax.device_put(images, sharding))
-        pools.append(np.asarray(jax.device_get(pool))[: min(batch, n - start)])
-    mu, sigma = fid.feature_statistics(np.concatenate(pools))
+    reporting.say(f"Computing FID reference statistics of {len(source)} training images "
+                  "(once).")
+    mu, sigma = fid.feature_statistics(
+        source_features(source, features_fn, mesh, config.eval.batch_size))
     if reporting.is_primary():
         fid.save_statistics(cached, mu, sigma)
     return mu, sigma

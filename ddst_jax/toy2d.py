@@ -30,6 +30,7 @@ import optax
 
 from ddst_jax import balance, control
 from ddst_jax import sparsity as sp
+from ddst_jax.gan import setup as setup_lib
 from ddst_jax.gan import steps
 from ddst_jax.gan.methods import MethodSpec, resolve_method
 
@@ -140,14 +141,14 @@ class MLPDiscriminator(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class ToyConfig:
-    """Hyperparameters of one 2-D run; SPEC's schedules, shortened to the run length.
+    """Hyperparameters of one 2-D run; the paper's schedules, shortened to the run length.
 
-    Defaults (chosen on a 2-core CPU, see BUILD_NOTES.md): Adam 1e-3 with SPEC's betas (0, 0.9),
-    since 2e-4 needs ~10x more iterations on these MLPs; n_dis = 1 (a spectrally normalised 2-D
-    D is already strong: the dense run's BR sits at 0.4-0.8); z_dim = 2 (covers the ring far
-    better than 16 in 2k iterations); an EMA decay of 0.99, whose horizon (100 iterations) suits
-    a 2k-iteration run. dT_G, dT_D and the BR window keep SPEC's ratios (dT_D = 2 dT_G = the
-    window), scaled down 10x; ``br_every = 2`` gives 50 window entries.
+    Defaults (chosen on a 2-core CPU, see BUILD_NOTES.md): Adam 1e-3 with the paper's betas (0,
+    0.9), since 2e-4 needs ~10x more iterations on these MLPs; n_dis = 1 (a spectrally
+    normalised 2-D D is already strong: the dense run's BR sits at 0.4-0.8); z_dim = 2 (covers
+    the ring far better than 16 in 2k iterations); an EMA decay of 0.99, whose horizon (100
+    iterations) suits a 2k-iteration run. dT_G, dT_D and the BR window keep the paper's ratios
+    (dT_D = 2 dT_G = the window), scaled down 10x; ``br_every = 2`` gives 50 window entries.
 
     Attributes:
       dataset: ``"ring"`` or ``"grid"``.
@@ -206,8 +207,9 @@ def method_spec(method: str, g_density: float) -> MethodSpec:
 
 
 @functools.cache
-def build_setup(config: ToyConfig, method: str) -> steps.GanSetup:
-    """Models, Adam, schedules and the D-density controller of one method, as the image runs.
+def build_setup(config: ToyConfig, method: str) -> setup_lib.GanSetup:
+    """Models, Adam, schedules and the D-density controller of one method, as the image runs
+    (``gan.setup.build_setup``).
 
     Cached: equal ``(config, method)`` give the same setup object, so its compiled iterations
     are reused across seeds (optax transformations compare by identity).
@@ -216,33 +218,34 @@ def build_setup(config: ToyConfig, method: str) -> steps.GanSetup:
         raise ValueError(f"Unknown `dataset` {config.dataset!r}; use one of {DATASETS}.")
     if config.iterations <= 0:
         raise ValueError(f"`iterations` must be positive, got {config.iterations}.")
-    spec = method_spec(method, config.g_density)
-    generator = MLPGenerator(z_dim=config.z_dim, hidden=tuple(config.g_hidden))
-    discriminator = MLPDiscriminator(hidden=tuple(config.d_hidden),
-                                     spectral_norm=config.d_spectral_norm)
 
     def adam(lr: float) -> optax.GradientTransformation:
         return optax.adam(lr, b1=config.beta1, b2=config.beta2)
 
-    setup = steps.GanSetup(
-        generator=generator, discriminator=discriminator, g_tx=adam(config.lr_g),
-        d_tx=adam(config.lr_d), method=spec, z_dim=config.z_dim, image_shape=(2,),
-        batch_g=config.batch_size, batch_d=config.batch_size, n_dis=config.n_dis,
-        total_iterations=config.iterations, g_update_every=config.g_update_every,
-        drop_fraction=config.drop_fraction, drop_fraction_final=config.drop_fraction_final,
-        br_every=config.br_every, br_window=balance.window_size(config.br_window, config.br_every),
-        ema_decay=config.ema_decay)
-    d_params = jax.eval_shape(discriminator.init, jax.random.key(0), jnp.zeros((1, 2)))["params"]
-    ctl = control.make_density_control(
-        spec.d_control, sp.num_maskable(d_params), config.iterations, band=config.band,
-        every=config.d_update_every, delta=config.delta, d_min=config.d_min, cap=spec.d_cap)
-    return dataclasses.replace(setup, density_control=ctl)
+    model = setup_lib.ModelSpec(
+        MLPGenerator(z_dim=config.z_dim, hidden=tuple(config.g_hidden)),
+        MLPDiscriminator(hidden=tuple(config.d_hidden), spectral_norm=config.d_spectral_norm),
+        z_dim=config.z_dim, image_shape=(2,))
+    return setup_lib.build_setup(
+        model,
+        setup_lib.TrainSpec(adam(config.lr_g), adam(config.lr_d), batch_g=config.batch_size,
+                            batch_d=config.batch_size, n_dis=config.n_dis,
+                            total_iterations=config.iterations, ema_decay=config.ema_decay),
+        setup_lib.SparsitySpec(method_spec(method, config.g_density),
+                               g_update_every=config.g_update_every,
+                               drop_fraction=config.drop_fraction,
+                               drop_fraction_final=config.drop_fraction_final),
+        setup_lib.BalanceSpec(every=config.br_every,
+                              window=balance.window_size(config.br_window, config.br_every)),
+        control.ControlOptions(every=config.d_update_every, band_low=config.band[0],
+                               band_high=config.band[1], delta=config.delta,
+                               d_min=config.d_min))
 
 
 # ----------------------------------------------------------------------------- training
 
 
-def train_chunk(setup: steps.GanSetup, dataset: str, length: int,
+def train_chunk(setup: setup_lib.GanSetup, dataset: str, length: int,
                 state: steps.TrainState) -> tuple[steps.TrainState, dict[str, jax.Array]]:
     """``length`` iterations in one ``lax.scan``, real batches drawn inside; jittable.
 
@@ -252,7 +255,7 @@ def train_chunk(setup: steps.GanSetup, dataset: str, length: int,
 
     def body(state: steps.TrainState, _: None) -> tuple[steps.TrainState, dict[str, jax.Array]]:
         key = jax.random.fold_in(state.key, _DATA_STREAM)
-        real = sample_real(key, dataset, (setup.n_dis, setup.batch_d))
+        real = sample_real(key, dataset, (setup.train.n_dis, setup.train.batch_d))
         state, metrics = steps.train_iteration(setup, state, real)
         return state, {k: metrics[k] for k in CURVE_KEYS}
 
@@ -260,25 +263,25 @@ def train_chunk(setup: steps.GanSetup, dataset: str, length: int,
 
 
 @functools.cache
-def _compiled(setup: steps.GanSetup, dataset: str, length: int) -> Callable:
+def _compiled(setup: setup_lib.GanSetup, dataset: str, length: int) -> Callable:
     # One executable per (setup, chunk length), shared by every seed of a method.
     return jax.jit(functools.partial(train_chunk, setup, dataset, length), donate_argnums=0)
 
 
 @functools.cache
-def _init(setup: steps.GanSetup) -> Callable:
+def _init(setup: setup_lib.GanSetup) -> Callable:
     return jax.jit(functools.partial(steps.init_state, setup))
 
 
-def init_state(setup: steps.GanSetup, key: jax.Array) -> steps.TrainState:
+def init_state(setup: setup_lib.GanSetup, key: jax.Array) -> steps.TrainState:
     """Fresh params, ERK masks and an empty BR window from ``key`` (``steps.init_state``)."""
     return _init(setup)(key)
 
 
-def train(setup: steps.GanSetup, dataset: str, key: jax.Array, *, chunk: int = 500,
+def train(setup: setup_lib.GanSetup, dataset: str, key: jax.Array, *, chunk: int = 500,
           state: steps.TrainState | None = None
           ) -> tuple[steps.TrainState, dict[str, np.ndarray]]:
-    """Trains up to ``setup.total_iterations`` iterations from ``key`` (or from ``state``).
+    """Trains up to ``setup.train.total_iterations`` iterations from ``key`` (or from ``state``).
 
     Seeds run one after another rather than under ``vmap``: a batched step would turn the
     ``lax.cond``/``lax.switch`` of the mask updates into selects that sort every iteration.
@@ -297,7 +300,7 @@ def train(setup: steps.GanSetup, dataset: str, key: jax.Array, *, chunk: int = 5
       the iterations run (``g_counts``/``d_counts``: (T, num maskable leaves)).
     """
     state = init_state(setup, key) if state is None else state
-    total = setup.total_iterations - int(state.step)
+    total = setup.train.total_iterations - int(state.step)
     pieces = []
     while total > 0:
         length = min(chunk, total)
@@ -308,11 +311,11 @@ def train(setup: steps.GanSetup, dataset: str, key: jax.Array, *, chunk: int = 5
     return state, curves
 
 
-def generate_samples(setup: steps.GanSetup, state: steps.TrainState, key: jax.Array, n: int,
+def generate_samples(setup: setup_lib.GanSetup, state: steps.TrainState, key: jax.Array, n: int,
                      *, ema: bool = True) -> np.ndarray:
     """``n`` points (n, 2) from the masked generator (its sparse EMA by default)."""
     params = state.g_ema if ema else state.g_params
-    z = jax.random.normal(key, (n, setup.z_dim))
+    z = jax.random.normal(key, (n, setup.model.z_dim))
     return np.asarray(steps.generate(setup, params, state.g_state, state.g_masks, z, train=False))
 
 
@@ -380,12 +383,12 @@ def late_br_median(curves: dict[str, np.ndarray], fraction: float = 0.5) -> floa
     return float(np.median(late)) if late.size else float("nan")
 
 
-def final_d_density(state: steps.TrainState, setup: steps.GanSetup) -> float:
+def final_d_density(state: steps.TrainState, setup: setup_lib.GanSetup) -> float:
     """D's overall density at the end of a run (1.0 for the dense method)."""
-    return float(sp.density(state.d_masks, is_maskable=setup.is_maskable))
+    return float(sp.density(state.d_masks, is_maskable=setup.model.is_maskable))
 
 
-def evaluate(setup: steps.GanSetup, state: steps.TrainState, curves: dict[str, np.ndarray],
+def evaluate(setup: setup_lib.GanSetup, state: steps.TrainState, curves: dict[str, np.ndarray],
              dataset: str, key: jax.Array, *, num_samples: int = 10_000, ema: bool = True,
              min_fraction: float = 0.1) -> dict[str, Any]:
     """The benchmark's four numbers for one run, the late BR median and the samples used."""

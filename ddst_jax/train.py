@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from ddst_jax import balance, checkpoint, control, data, evaluation, memory, reporting, rundir
 from ddst_jax import sparsity as sp
 from ddst_jax.gan import registry, steps
+from ddst_jax.gan import setup as setup_lib
 from ddst_jax.gan.methods import MethodSpec, resolve_method
 from ddst_jax.metrics import flops
 
@@ -83,6 +84,25 @@ def _check_finite(config: ml_collections.ConfigDict) -> None:
                 raise ValueError(f"config.{name}: must be a finite number, got {value}.")
 
 
+def _validate_control(config: ml_collections.ConfigDict, spec: MethodSpec) -> None:
+    """``config.control``: the controller builds (with a stand-in D size) from its options."""
+    c = config.control
+    name = c.get("controller") or spec.d_control
+    _require(name in control.CONTROLLERS, "control.controller",
+             f"unknown controller {name!r}; registered: {', '.join(sorted(control.CONTROLLERS))}.")
+    _require(spec.d_control != "static" or name == "static", "control.controller",
+             f"{name!r} needs a method whose D density moves (adapt or dda), not "
+             f"{spec.name!r}.")
+    _require(c.d_update_every is None or int(c.d_update_every) > 0, "control.d_update_every",
+             f"must be a positive number of iterations, got {c.d_update_every}.")
+    try:
+        control.make_controller(name, control_options(config), control.ControllerContext(
+            n_weights=10_000, total_iterations=int(config.train.iterations),
+            d_start=spec.d_density, cap=spec.d_cap))
+    except ValueError as e:
+        raise ValueError(f"config.control: {e}") from None
+
+
 def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None,
                     process_count: int | None = None) -> MethodSpec:
     """Check every field before anything is compiled; one ``ValueError`` naming the field."""
@@ -105,6 +125,11 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         size = registry.image_size(config.model.name)
     except ValueError as e:
         raise ValueError(f"config.model.name: {e}") from None
+    try:  # widths, classes, z_dim: the model builds (nothing is initialised)
+        registry.build(config.model.name, z_dim=config.model.z_dim, g_ch=config.model.g_ch,
+                       d_ch=config.model.d_ch, num_classes=config.model.get("num_classes"))
+    except ValueError as e:
+        raise ValueError(f"config.model: {e}") from None
     scheme = config.model.get("init_scheme", "reference")
     schemes = registry.init_schemes(config.model.name)
     _require(scheme == "reference" or scheme in schemes, "model.init_scheme",
@@ -131,6 +156,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         balance.window_size(b.window, b.br_every)
     except ValueError as e:
         raise ValueError(f"config.balance: {e}") from None
+    _validate_control(config, spec)
     every = config.control.d_update_every
     if mode == "exact" and spec.d_control != "static" and every is not None:
         # The paper's queue holds 101 ratios at a decision only when the decision iteration
@@ -152,7 +178,10 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
                  f"use 'train' or 'eval', got {e.bn_mode!r}.")
         _require(e.splits >= 1, "eval.splits", f"must be >= 1, got {e.splits}.")
     data.validate_config(config.data)
-    devices = device_count or config.parallel.num_devices or jax.device_count()
+    wanted, visible = config.parallel.num_devices, jax.device_count()
+    _require(0 <= wanted <= visible, "parallel.num_devices",
+             f"{wanted} devices asked for, {visible} visible; use 0 for all of them.")
+    devices = device_count or wanted or visible
     processes = jax.process_count() if process_count is None else process_count
     sizes = {"train.batch_size_g": t.batch_size_g, "train.batch_size_d": t.batch_size_d}
     if e.every:
@@ -171,46 +200,48 @@ def _adam(lr: float, config: ml_collections.ConfigDict) -> optax.GradientTransfo
     return optax.adam(lr, b1=config.train.beta1, b2=config.train.beta2)
 
 
-def build_setup(config: ml_collections.ConfigDict, spec: MethodSpec) -> steps.GanSetup:
-    """Models, optimizers, schedules and the D-density controller of a run.
+def control_options(config: ml_collections.ConfigDict) -> control.ControlOptions:
+    """``config.control`` (and the reference mode) as ``control.ControlOptions``."""
+    c, b = config.control, config.balance
+    exact = config.get("reference_mode", "fixed") == "exact"
+    return control.ControlOptions(
+        controller=c.get("controller") or None, every=c.d_update_every, band_low=c.band_low,
+        band_high=c.band_high, delta=c.delta, d_min=c.d_min, d_max=c.d_max,
+        gain=c.get("gain", control.ControlOptions.gain),
+        max_step=c.get("max_step", control.ControlOptions.max_step), reference_exact=exact,
+        min_measurements=balance.window_size(b.window, b.br_every) if exact else 0)
+
+
+def build_setup(config: ml_collections.ConfigDict, spec: MethodSpec) -> setup_lib.GanSetup:
+    """The run description of a config (``gan.setup.build_setup``).
 
     ``config.reference_mode="exact"`` turns on everything that reproduces the paper's code
     where ddst_jax deliberately differs (docs/reference.md): train-mode BR forwards and
-    Bernoulli masks (``GanSetup.reference_exact``), a window of ``window // br_every + 1``
-    ratios with decisions from ``window // br_every`` on, no denominator guard, and the
-    controller's float arithmetic.
+    Bernoulli masks, a window of ``window // br_every + 1`` ratios with decisions from
+    ``window // br_every`` on, no denominator guard, and the controller's float arithmetic.
     """
     pair = registry.build(config.model.name, z_dim=config.model.z_dim, g_ch=config.model.g_ch,
                           d_ch=config.model.d_ch, num_classes=config.model.get("num_classes"),
                           compute_dtype=config.model.get("compute_dtype", "float32"),
                           init_scheme=config.model.get("init_scheme", "reference"))
-    G, D, size = pair.generator, pair.discriminator, pair.image_size
     t, s, b = config.train, config.sparsity, config.balance
     exact = config.get("reference_mode", "fixed") == "exact"
     entries = balance.window_size(b.window, b.br_every)
-    setup = steps.GanSetup(
-        generator=G, discriminator=D, g_tx=_adam(t.lr_g, config), d_tx=_adam(t.lr_d, config),
-        method=spec, z_dim=pair.z_dim, image_shape=(size, size, 3),
-        num_classes=pair.num_classes, unroll_d_steps=t.get("unroll_d_steps", True),
-        batch_g=t.batch_size_g, batch_d=t.batch_size_d, n_dis=t.n_dis,
-        total_iterations=t.iterations, g_update_every=s.g_update_every,
-        drop_fraction=s.drop_fraction, drop_fraction_final=s.drop_fraction_final,
-        br_every=b.br_every, br_window=entries + 1 if exact else entries,
-        br_eps=0.0 if exact else b.eps, ema_decay=t.ema_decay,
-        d_forward=t.get("d_forward", "separate"), reference_exact=exact)
-    abstract = jax.eval_shape(lambda: steps.init_state(setup, jax.random.key(0)))
-    n_d = sp.num_maskable(abstract.d_params)
-    c = config.control
-    band = None
-    if c.band_low is not None or c.band_high is not None:
-        default = (0.50, 0.65) if spec.d_control == "dda" else (0.45, 0.55)
-        band = (default[0] if c.band_low is None else c.band_low,
-                default[1] if c.band_high is None else c.band_high)
-    ctl = control.make_density_control(
-        spec.d_control, n_d, t.iterations, band=band, every=c.d_update_every, delta=c.delta,
-        d_min=c.d_min, d_max=c.d_max, cap=spec.d_cap, reference_exact=exact,
-        d_start=spec.d_density, min_measurements=entries if exact else 0)
-    return dataclasses.replace(setup, density_control=ctl)
+    return setup_lib.build_setup(
+        pair,
+        setup_lib.TrainSpec(
+            g_tx=_adam(t.lr_g, config), d_tx=_adam(t.lr_d, config), batch_g=t.batch_size_g,
+            batch_d=t.batch_size_d, n_dis=t.n_dis, total_iterations=t.iterations,
+            ema_decay=t.ema_decay, unroll_d_steps=t.get("unroll_d_steps", True),
+            d_forward=t.get("d_forward", "separate")),
+        setup_lib.SparsitySpec(
+            spec, g_update_every=s.g_update_every, drop_fraction=s.drop_fraction,
+            drop_fraction_final=s.drop_fraction_final, distribution=s.distribution,
+            erk_power=s.erk_power, mask_sampling="bernoulli" if exact else "exact"),
+        setup_lib.BalanceSpec(
+            every=b.br_every, window=entries + 1 if exact else entries,
+            eps=0.0 if exact else b.eps, train_mode_forwards=exact, ignore_nonfinite=not exact),
+        control_options(config))
 
 
 def initialize_distributed(parallel: ml_collections.ConfigDict) -> None:
@@ -239,13 +270,10 @@ def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
                              axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def compile_fns(setup: steps.GanSetup, config: ml_collections.ConfigDict, mesh):
+def compile_fns(setup: setup_lib.GanSetup, config: ml_collections.ConfigDict, mesh):
     """Jitted init and iteration with the state replicated and the batch sharded on 'data'."""
     replicated = NamedSharding(mesh, P())
-    init = jax.jit(functools.partial(steps.init_state, setup,
-                                     distribution=config.sparsity.distribution,
-                                     erk_power=config.sparsity.erk_power),
-                   out_shardings=replicated)
+    init = jax.jit(functools.partial(steps.init_state, setup), out_shardings=replicated)
     iterate = jax.jit(
         functools.partial(steps.train_iteration, setup, z_sharding=NamedSharding(mesh, P("data"))),
         in_shardings=(replicated, NamedSharding(mesh, P(None, "data")),
@@ -307,11 +335,11 @@ class HealthCheck:
 class _Logger:
     """Batches per-iteration device metrics and writes them at log points (one host sync)."""
 
-    def __init__(self, writer: reporting.MetricWriter, workdir: str, setup: steps.GanSetup,
+    def __init__(self, writer: reporting.MetricWriter, workdir: str, setup: setup_lib.GanSetup,
                  g_names: list[str], d_names: list[str], g_sizes: list[int], d_sizes: list[int],
                  resume_step: int | None, health: ml_collections.ConfigDict | None = None):
         self.writer, self.setup = writer, setup
-        self.health = HealthCheck(health, setup.br_window)
+        self.health = HealthCheck(health, setup.balance.window)
         self.g_names, self.d_names = g_names, d_names
         self.g_sizes, self.d_sizes = np.array(g_sizes), np.array(d_sizes)
         self.pending: list[tuple[int, dict]] = []
@@ -361,8 +389,8 @@ class _Logger:
             f.write(line + "\n")
 
     def log_initial(self, iteration: int, state: steps.TrainState) -> None:
-        g = jax.device_get(sp.layer_counts(state.g_masks, self.setup.is_maskable))
-        d = jax.device_get(sp.layer_counts(state.d_masks, self.setup.is_maskable))
+        g = jax.device_get(sp.layer_counts(state.g_masks, self.setup.model.is_maskable))
+        d = jax.device_get(sp.layer_counts(state.d_masks, self.setup.model.is_maskable))
         self._density_row(iteration, g, d)
         self.tick_step = iteration
 
@@ -384,8 +412,8 @@ class _Logger:
             if not math.isnan(float(m["br/ratio"])):
                 self.writer.write_scalars(it, {"br/ratio": float(m["br/ratio"])})
             updated = tuple(net for net, ran in (
-                ("g", self.setup.method.g_dynamic and sp.is_update_step(
-                    it, self.setup.g_update_every, self.setup.total_iterations)),
+                ("g", self.setup.sparsity.method.g_dynamic and sp.is_update_step(
+                    it, self.setup.sparsity.g_update_every, self.setup.train.total_iterations)),
                 ("d", int(m["control/action"]) != control.NONE)) if ran)
             self._density_row(it, m["g_counts"], m["d_counts"], updated)
         last_it, last = its[-1], host[-1]
@@ -416,11 +444,11 @@ class _Logger:
 # ----------------------------------------------------------------------------- samples
 
 
-def _sample_grid(setup: steps.GanSetup, state: steps.TrainState, z: jax.Array,
+def _sample_grid(setup: setup_lib.GanSetup, state: steps.TrainState, z: jax.Array,
                  bn_mode: str) -> np.ndarray:
     # Conditional models: classes in order, so each grid row/column walks through the labels.
-    y = jnp.arange(z.shape[0], dtype=jnp.int32) % setup.num_classes if setup.num_classes \
-        else None
+    classes = setup.model.num_classes
+    y = jnp.arange(z.shape[0], dtype=jnp.int32) % classes if classes else None
     images = steps.generate(setup, state.g_ema, state.g_state, state.g_masks, z, y,
                             train=bn_mode == "train")
     return np.asarray(jax.device_get(images))
@@ -578,7 +606,7 @@ def _run(config, spec, workdir: str, stop: checkpoint.StopFlag,
                      health=config.get("health"))
     logger.log_initial(start, state)
     sample_z = jax.device_put(
-        jax.random.normal(jax.random.key(config.seed + 1), (t.num_samples, setup.z_dim)),
+        jax.random.normal(jax.random.key(config.seed + 1), (t.num_samples, setup.model.z_dim)),
         replicated)
 
     config_dict = json.loads(config.to_json_best_effort())
@@ -647,7 +675,7 @@ def _run(config, spec, workdir: str, stop: checkpoint.StopFlag,
     if primary and not stopped:
         summary["plots"] = reporting.plot_curves(
             writer.jsonl_path, os.path.join(workdir, "plots"),
-            br_band=(setup.density_control.band_low, setup.density_control.band_high))
+            br_band=getattr(setup.control, "band", None))
         reporting.write_summary(os.path.join(workdir, "summary.json"), summary)
     writer.close()
     return summary
@@ -675,9 +703,9 @@ def _summary(config, spec, setup, state, last: Mapping[str, float], iteration: i
         "finished": iteration >= total and not stopped,
         "final": dict(last),
         "d_count": int(state.controller.count),
-        "d_maskable": setup.density_control.n_weights,
-        "g_density": float(sp.density(state.g_masks, is_maskable=setup.is_maskable)),
-        "d_density": float(sp.density(state.d_masks, is_maskable=setup.is_maskable)),
+        "d_maskable": setup_lib.d_maskable_count(setup.model),
+        "g_density": float(sp.density(state.g_masks, is_maskable=setup.model.is_maskable)),
+        "d_density": float(sp.density(state.d_masks, is_maskable=setup.model.is_maskable)),
         "wall_seconds": wall_s,
         "iterations_this_session": trained,
         "devices": jax.device_count(),

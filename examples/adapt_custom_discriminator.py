@@ -7,10 +7,11 @@ What it shows:
 - D trained sparse with masks multiplied in (`apply_masks`, `sparse_update`, "paper" policy);
 - the BR window fed from the G step (see br_monitor_dense_gan.py for the triple);
 - `make_density_control` / `init_controller_state` / `controller_step` deciding every `every`
-  iterations once the window is full; a density move is one `resize_update` to the decision's
-  exact target count: GROW activates the inactive weights with the largest |dL_D/d(w*m)|, PRUNE
-  keeps the active weights with the largest |w|; the strict setting at its cap runs one
-  drop-and-grow instead (DST). `params_after_update` starts new weights at 0.
+  iterations once the window is full, and `control.apply_decision` turning the decision into
+  masks: GROW/PRUNE are one `resize_update` to the decision's exact target count (GROW activates
+  the inactive weights with the largest |dL_D/d(w*m)|, PRUNE keeps the active weights with the
+  largest |w|); the strict setting at its cap runs one drop-and-grow instead (DST).
+  `params_after_update` starts new weights at 0.
 
 `--force grow` / `--force prune` sets a band that BR always clears, so every decision moves D's
 density: the quickest way to see the machinery act. The schedule is scaled down from the paper
@@ -129,26 +130,18 @@ def make_fns(G: nn.Module, D: nn.Module, g_tx, d_tx, d_densities: PyTree,
         return ctrl, decision, balance.windowed_mean(window), balance.is_full(window)
 
     @jax.jit
-    def resize_d(d_params, d_masks, d_opt, d_grads, target_count):
-        # One call for both directions: grows by |grad| if the target is above the active
-        # count, otherwise keeps the top |w|. The count lands exactly on target_count.
-        upd = sp.resize_update(d_masks, target_count, sp.magnitude_scores(d_params),
-                               sp.gradient_scores(d_grads), is_maskable=is_maskable)
-        d_opt = sp.optimizer_state_after_regrowth(d_tx, d_opt, upd.grown, POLICY)
-        return sp.params_after_update(d_params, upd), d_opt, upd
-
-    @jax.jit
-    def dst_d(d_params, d_masks, d_opt, d_grads, t):
-        # Strict setting at the cap: a drop-and-grow of D at its own cosine drop fraction.
+    def apply_d(d_params, d_masks, d_opt, d_grads, decision, t):
+        # The decision as masks (GAN-free): GROW/PRUNE resize to its exact target count (grow
+        # by |grad|, keep the top |w|); DST is a drop-and-grow at D's own cosine drop fraction.
         fraction = sp.cosine_drop_fraction(t, ctl.total_iterations, initial=0.5, final=0.005)
-        upd = sp.drop_and_grow_update(d_masks, sp.magnitude_scores(d_params),
-                                      sp.gradient_scores(d_grads), fraction,
-                                      is_maskable=is_maskable)
+        upd = control.apply_decision(d_masks, decision, sp.magnitude_scores(d_params),
+                                     sp.gradient_scores(d_grads), drop_fraction=fraction,
+                                     is_maskable=is_maskable)
         d_opt = sp.optimizer_state_after_regrowth(d_tx, d_opt, upd.grown, POLICY)
         return sp.params_after_update(d_params, upd), d_opt, upd
 
     return {"init": init, "d_step": d_step, "g_step": g_step, "measure_br": measure_br,
-            "decide": decide, "resize_d": resize_d, "dst_d": dst_d}
+            "decide": decide, "apply_d": apply_d}
 
 
 def host_count(masks: PyTree) -> int:
@@ -228,12 +221,8 @@ def run(iterations: int = 1000, kind: str = "relaxed", force: str | None = None,
         ctrl, decision, br, full = fns["decide"](ctrl, window, t)
         action, before = int(decision.action), host_count(d_masks)
         upd = None
-        if action in (control.GROW, control.PRUNE):
-            d_params, d_opt, upd = fns["resize_d"](d_params, d_masks, d_opt, d_grads,
-                                                   decision.target_count)
-        elif action == control.DST:
-            d_params, d_opt, upd = fns["dst_d"](d_params, d_masks, d_opt, d_grads, t)
-        if upd is not None:
+        if action != control.NONE:
+            d_params, d_opt, upd = fns["apply_d"](d_params, d_masks, d_opt, d_grads, decision, t)
             d_masks = upd.masks
         record = {
             "t": t,

@@ -111,8 +111,8 @@ def run(iterations: int = 2000, br_every: int = 10, window_iterations: int = 100
 
     Args:
       iterations: GAN iterations (n_dis D steps + one G step each).
-      br_every: measure BR after every ``br_every``-th iteration (SPEC default 10).
-      window_iterations: BR averages over this many iterations (SPEC default 1000).
+      br_every: measure BR after every ``br_every``-th iteration (the paper's: 10).
+      window_iterations: BR averages over this many iterations (the paper's: 1000).
       n_dis: D steps per iteration.
       batch: batch size of both nets.
       d_lr, g_lr: Adam learning rates (betas 0.5, 0.9); raise ``d_lr`` to strengthen D.

@@ -1,4 +1,6 @@
-r"""Normalised training FLOPs of the paper's static baselines, and of a finished run (SPEC 8).
+r"""Normalised training FLOPs of the paper's static baselines, and of a finished run.
+
+The accounting is docs/method.md section 8.
 
 Usage::
 
@@ -38,14 +40,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
 from ddst_jax import control, sparsity
-from ddst_jax.gan import methods, models
+from ddst_jax.gan import methods, registry
 from ddst_jax.metrics import flops
 
 G_DENSITIES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
@@ -64,12 +64,13 @@ _CONVENTION = flags.DEFINE_enum(
 
 @dataclasses.dataclass(frozen=True)
 class ModelFlops:
-    """Per-sample layer FLOPs and abstract params of a benchmark's G and D."""
+    """Per-sample layer FLOPs, abstract params and maskable rule of a benchmark's G and D."""
 
     g_layers: list[flops.LayerFlops]
     d_layers: list[flops.LayerFlops]
     g_params: Any
     d_params: Any
+    is_maskable: Any = None
 
 
 def _field(config: Any, dotted: str) -> Any:
@@ -84,34 +85,20 @@ def _field(config: Any, dotted: str) -> Any:
 
 
 def model_flops(model_config: Any) -> ModelFlops:
-    """Layer FLOPs (``layer_flops``) and abstract params of the config's G and D.
-
-    G is traced as ``G(z, train=True)`` with z (1, z_dim); D as ``D(x, update_stats=True)`` with
-    x a real-size image (1, S, S, 3).
-    """
-    name = _field(model_config, "name")
-    generator, discriminator = models.build_models(
-        name,
-        z_dim=_field(model_config, "z_dim"),
-        g_ch=_field(model_config, "g_ch"),
-        d_ch=_field(model_config, "d_ch"),
-    )
-    size = models.image_size(name)
-    z = jax.ShapeDtypeStruct((1, generator.z_dim), jnp.float32)
-    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    key = jax.random.key(0)
-    g_params = jax.eval_shape(lambda z: generator.init(key, z, train=False), z)["params"]
-    d_params = jax.eval_shape(lambda x: discriminator.init(key, x, update_stats=False), x)["params"]
-    return ModelFlops(
-        g_layers=flops.layer_flops(generator, z, train=True),
-        d_layers=flops.layer_flops(discriminator, x, update_stats=True),
-        g_params=g_params,
-        d_params=d_params,
-    )
+    """Layer FLOPs, abstract params and maskable rule of the config's G and D, from the model
+    registry (``gan.registry.ModelPair``): G traced as ``G(z[, y], train=True)``, D on
+    real-size images."""
+    pair = registry.build(
+        _field(model_config, "name"), z_dim=_field(model_config, "z_dim"),
+        g_ch=_field(model_config, "g_ch"), d_ch=_field(model_config, "d_ch"),
+        num_classes=_get(model_config, "num_classes"))
+    g_layers, d_layers = pair.layer_flops()
+    g_params, d_params = pair.abstract_params()
+    return ModelFlops(g_layers, d_layers, g_params, d_params, pair.is_maskable)
 
 
 def d_density(method: str, setting: str, g_density: float, d_max: float) -> float:
-    """D's overall density of a static method (SPEC section 6), via ``resolve_method``.
+    """D's overall density of a static method (docs/method.md section 6), via ``resolve_method``.
 
     >>> [d_density(m, "strict", 0.1, 0.5) for m in METHODS]
     [0.1, 0.5]
@@ -144,7 +131,8 @@ def static_table(
     d_max = float(_field(config, "control.d_max"))
 
     def densities(params: Any, d: float) -> Any:
-        return sparsity.layer_densities(params, d, distribution, power=power)
+        return sparsity.layer_densities(params, d, distribution, power=power,
+                                        is_maskable=model.is_maskable)
 
     dense = flops.training_flops(model.g_layers, model.d_layers, **train)
     rows = []
@@ -198,12 +186,13 @@ def _run_schedule(run_config: Any, g_log: list, d_log: list) -> tuple[int | None
         g_dynamic, d_kind = spec.g_dynamic, spec.d_control
     g_every = int(_field(run_config, "sparsity.g_update_every")) if g_dynamic else None
     d_every = None
+    name = _get(run_config, "control.controller") or d_kind
     if d_kind != "static":
-        d_every = control.make_density_control(
-            d_kind, 1, int(_field(run_config, "train.iterations")),
-            every=_get(run_config, "control.d_update_every"),
-            d_max=_get(run_config, "control.d_max", 0.5),
-        ).every
+        options = control.ControlOptions(every=_get(run_config, "control.d_update_every"),
+                                         d_max=_get(run_config, "control.d_max", 0.5))
+        context = control.ControllerContext(1, int(_field(run_config, "train.iterations")),
+                                            d_start=1.0)
+        d_every = control.make_controller(name, options, context).every
     return g_every, d_every
 
 

@@ -19,9 +19,9 @@ commands one after the other in this process's Python, skips runs whose workdir 
 run and stops at the first failure; Ctrl-C or SIGTERM reaches the running child, which saves a
 checkpoint, and the grid waits for it, so re-launching the grid goes on where it stopped.
 
-Tables: ``1`` is paper Table 1 as SPEC section 7 restates it (relaxed setting): Dense,
+Tables: ``1`` is paper Table 1 as docs/method.md section 7 restates it (relaxed setting): Dense,
 Static-Balance, SDST-Strong-RigL, ADAPT relaxed, and ADAPT strict (d_max 0.5) at every density.
-The SPEC states the contents of no other paper table, so the other choice is ``all``: every
+The project restates no other paper table, so the other choice is ``all``: every
 preset of ``experiments.presets`` (both settings where they differ). ``--methods`` replaces the
 table's method list by the given presets.
 
@@ -123,7 +123,7 @@ def build_grid(
     if methods is None:
         if table not in TABLES:
             raise ValueError(
-                f"Unknown table {table!r}; use one of {', '.join(TABLES)} (the SPEC restates "
+                f"Unknown table {table!r}; use one of {', '.join(TABLES)} (the project restates "
                 "only the paper's Table 1; 'all' lists every preset), or pick presets with "
                 "--methods.")
         methods = TABLES[table]

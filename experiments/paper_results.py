@@ -1,12 +1,12 @@
-"""The paper's reported numbers as data (Wang et al., NeurIPS 2023; SPEC section 7).
+"""The paper's reported numbers as data (Wang et al., NeurIPS 2023; docs/method.md section 7).
 
 ``PAPER_FID[benchmark][preset][g_density]``: FID (lower is better) of paper Table 1, the
 relaxed setting, with ADAPT strict (d_max 0.5) alongside. Benchmarks are the names of the
 entry points (``experiments/<benchmark>.py``), presets those of ``experiments.presets``. The
-dense row has one number, stored at g_density 1.0. SPEC says these are most likely the best FID
+dense row has one number, stored at g_density 1.0. These are most likely the best FID
 over periodic evaluations, and that about +-0.5 FID is run-to-run noise.
 
-The SPEC restates no IS or normalised-FLOPs numbers of the paper, so ``PAPER_IS`` and
+The project restates no IS or normalised-FLOPs numbers of the paper, so ``PAPER_IS`` and
 ``PAPER_FLOPS`` are empty: reports print '-' there. Add ``{benchmark: {preset: {d: value}}}``
 entries in the same layout when they are transcribed (and cite the table they come from).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 BENCHMARKS: tuple[str, ...] = ("cifar10", "stl10", "cifar10_biggan", "tiny_imagenet")
 
-#: How the paper names the benchmarks (column headers of SPEC section 7).
+#: How the paper names the benchmarks (column headers of docs/method.md section 7).
 BENCHMARK_TITLES: dict[str, str] = {
     "cifar10": "CIFAR-10 SNGAN",
     "stl10": "STL-10 SNGAN",
@@ -30,7 +30,7 @@ def _row(*values: float) -> dict[float, float]:
     return dict(zip(_DENSITIES, values, strict=True))
 
 
-#: Paper Table 1 FID (SPEC section 7).
+#: Paper Table 1 FID (docs/method.md section 7).
 PAPER_FID: dict[str, dict[str, dict[float, float]]] = {
     "cifar10": {
         "dense": {1.0: 10.74},
@@ -62,10 +62,10 @@ PAPER_FID: dict[str, dict[str, dict[float, float]]] = {
     },
 }
 
-#: Inception Scores of the paper: not restated in the SPEC.
+#: Inception Scores of the paper: not restated here.
 PAPER_IS: dict[str, dict[str, dict[float, float]]] = {}
 
-#: Normalised training FLOPs (percent of dense) of the paper: not restated in the SPEC.
+#: Normalised training FLOPs (percent of dense) of the paper: not restated here.
 PAPER_FLOPS: dict[str, dict[str, dict[float, float]]] = {}
 
 PAPER: dict[str, dict[str, dict[str, dict[float, float]]]] = {
@@ -81,7 +81,7 @@ def paper_value(metric: str, benchmark: str, preset: str, g_density: float) -> f
     >>> paper_value("fid", "cifar10", "dense", 0.3), paper_value("is", "cifar10", "dense", 1.0)
     (10.74, None)
     """
-    row = PAPER[metric].get(benchmark, {}).get(preset)
+    row = PAPER.get(metric, {}).get(benchmark, {}).get(preset)  # KID, PRDC: not in the paper
     if row is None:
         return None
     if preset == "dense":

@@ -1,4 +1,4 @@
-"""Named method presets: one per method row of the paper (SPEC sections 6 and 7).
+"""Named method presets: one per method row of the paper (docs/method.md sections 6 and 7).
 
 A preset is a set of config overrides (dotted field names) that selects a method; the G density
 is given separately. ``apply_preset(config, name, g_density)`` returns a new config with them;
@@ -32,7 +32,7 @@ from typing import Any
 
 import ml_collections
 
-#: The paper's G densities (SPEC section 7).
+#: The paper's G densities (docs/method.md section 7).
 G_DENSITIES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
 
 #: The config fields every preset sets.
@@ -81,7 +81,7 @@ DISPLAY_NAMES: dict[str, str] = {
     "dda": "DDA",
 }
 
-#: Paper Table 1 (relaxed setting; ADAPT strict with d_max 0.5 alongside), SPEC section 7.
+#: Paper Table 1 (relaxed setting; ADAPT strict with d_max 0.5 alongside), docs/method.md section 7.
 TABLE1: tuple[str, ...] = (
     "dense", "static_balance", "sdst_strong_relaxed_rigl", "adapt_relaxed", "adapt_strict")
 

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ddst_jax import control, train
 from ddst_jax import sparsity as sp
+from ddst_jax import train
+from ddst_jax.gan import setup as setup_lib
 from ddst_jax.gan import steps
 from ddst_jax.gan import torch_port as tp
 from experiments.configs import cifar10
@@ -69,7 +70,7 @@ def iteration_config(*, masked: bool, reference_exact: bool, d_forward: str = "s
 
 
 def iteration_setup(*, masked: bool, reference_exact: bool,
-                    d_forward: str = "separate") -> steps.GanSetup:
+                    d_forward: str = "separate") -> setup_lib.GanSetup:
     """``train.build_setup`` of ``iteration_config``."""
     config = iteration_config(masked=masked, reference_exact=reference_exact, d_forward=d_forward)
     setup = train.build_setup(config, train.validate_config(config))
@@ -85,7 +86,7 @@ def iteration_state(setup: steps.GanSetup, arrays: dict[str, np.ndarray]) -> ste
     d_vars = tp.discriminator_variables(group(arrays, "D_init"))
     g_params = jax.tree_util.tree_map(jnp.asarray, g_vars["params"])
     d_params = jax.tree_util.tree_map(jnp.asarray, d_vars["params"])
-    if setup.method.masked:
+    if setup.sparsity.method.masked:
         g_masks = _masks_like(g_params, tp.generator_tree(group(arrays, "mask_G")))
         d_masks = _masks_like(d_params, tp.discriminator_tree(group(arrays, "mask_D")))
     else:
@@ -95,10 +96,10 @@ def iteration_state(setup: steps.GanSetup, arrays: dict[str, np.ndarray]) -> ste
         g_params=g_params, d_params=d_params,
         g_state=jax.tree_util.tree_map(jnp.asarray, g_vars["batch_stats"]),
         d_state=jax.tree_util.tree_map(jnp.asarray, d_vars["batch_stats"]),
-        g_opt=setup.g_tx.init(g_params), d_opt=setup.d_tx.init(d_params),
+        g_opt=setup.train.g_tx.init(g_params), d_opt=setup.train.d_tx.init(d_params),
         g_masks=g_masks, d_masks=d_masks,
         g_ema=jax.tree_util.tree_map(jnp.copy, g_params),
-        controller=control.ControllerState(jnp.asarray(d_count, jnp.int32)))
+        controller=setup.control.init(jnp.asarray(d_count, jnp.int32)))
 
 
 def _masks_like(params, masks: dict):

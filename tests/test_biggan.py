@@ -35,7 +35,9 @@ from ddst_jax.gan.biggan import (
     maskable_including_cbn,
     weight_init,
 )
-from ddst_jax.sparsity import default_is_maskable
+from ddst_jax.gan.biggan import (
+    is_maskable as biggan_is_maskable,
+)
 
 BATCH = 4
 
@@ -77,7 +79,7 @@ def _attention(c: int) -> int:
 # numbers follow by hand from the layouts, see test_hand_counts_add_up.
 BIGGAN32_G, BIGGAN32_D = 4_304_387, 4_207_361
 BIGGAN64_G, BIGGAN64_D = 17_335_204, 30_796_722
-# Maskable weights under default_is_maskable (conv/dense kernels but CBN maps and the head).
+# Maskable weights under BigGAN's predicate (conv/dense kernels but CBN maps and the head).
 BIGGAN32_G_MASKABLE, BIGGAN32_D_MASKABLE = 4_266_752, 4_201_984
 BIGGAN64_G_MASKABLE, BIGGAN64_D_MASKABLE = 16_219_760, 30_532_000
 BIGGAN64_CBN_MAPS = 1_065_600  # 2 maps x 148 inputs x (1280+640 + 640+320 + 320+160 + 160+80)
@@ -139,7 +141,7 @@ def _full_size(name: str):
     return (G, D, *_abstract_init(G, D, image_size(name)))
 
 
-def _maskable_size(params, predicate=default_is_maskable) -> int:
+def _maskable_size(params, predicate=biggan_is_maskable) -> int:
     flat = jax.tree_util.tree_leaves_with_path(params)
     return sum(math.prod(leaf.shape) for path, leaf in flat if predicate(path, leaf))
 
@@ -216,9 +218,10 @@ def test_full_size_counts_shapes_and_leaf_names(name, counts, maskable, classes)
             assert (path[: -len("kernel")] + "bias" in leaves) == (not no_bias), path
 
 
-def test_default_predicate_keeps_embeddings_head_and_cbn_maps_dense():
-    # The only weight matrices default_is_maskable leaves dense: class embeddings, CBN maps and
-    # D's classifier head (the maskable counts above show that every other kernel is maskable).
+def test_biggan_predicate_keeps_embeddings_head_and_cbn_maps_dense():
+    # The only weight matrices BigGAN's predicate (the registry's) leaves dense: class
+    # embeddings, CBN maps and D's classifier head (the maskable counts above show that every
+    # other kernel is maskable).
     g_dense = {
         "biggan32": {"gain_embed", "bias_embed"},
         "biggan64": {"embed_shared", "gain_embed", "bias_embed"},
@@ -232,10 +235,11 @@ def test_default_predicate_keeps_embeddings_head_and_cbn_maps_dense():
             dense = {
                 path[-2].key
                 for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-                if leaf.ndim >= 2 and not default_is_maskable(path, leaf)
+                if leaf.ndim >= 2 and not biggan_is_maskable(path, leaf)
             }
             assert dense == expected, name
-    # The literal-SPEC option masks biggan64's CBN linear maps too; biggan32's tables stay dense.
+    # The literal docs/method.md section 1 option masks biggan64's CBN linear maps too; biggan32's
+    # tables stay dense.
     g64 = _full_size("biggan64")[2]
     assert _maskable_size(g64["params"], maskable_including_cbn) == (
         BIGGAN64_G_MASKABLE + BIGGAN64_CBN_MAPS

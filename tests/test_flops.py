@@ -1,4 +1,4 @@
-"""Training-FLOPs accounting (SPEC section 8): per-layer counts, densities, totals, CLI."""
+"""Training-FLOPs accounting (docs/method.md 8): per-layer counts, densities, totals, CLI."""
 
 import json
 import os

@@ -73,7 +73,8 @@ def _float_dtypes(tree):
 
 def test_bf16_run_keeps_params_optimizer_ema_and_statistics_float32(runs):
     setup, initial, final, _ = runs["bfloat16"]
-    assert setup.generator.dtype == jnp.bfloat16 and setup.discriminator.dtype == jnp.bfloat16
+    model = setup.model
+    assert model.generator.dtype == jnp.bfloat16 and model.discriminator.dtype == jnp.bfloat16
     for name in ("g_params", "d_params", "g_opt", "d_opt", "g_ema", "g_state", "d_state"):
         assert _float_dtypes(getattr(final, name)) == {"float32"}, name
     assert {str(m.dtype) for m in jax.tree_util.tree_leaves((final.g_masks, final.d_masks))} == {
@@ -105,7 +106,7 @@ def test_bf16_init_state_has_the_float32_names_shapes_and_dtypes():
 def test_mask_counts_are_exact_and_identical_under_bf16(runs):
     setup32, init32, final32, m32 = runs["float32"]
     setup16, init16, final16, m16 = runs["bfloat16"]
-    g_target = _erk_counts(init16.g_params, setup16.method.g_density)
+    g_target = _erk_counts(init16.g_params, setup16.sparsity.method.g_density)
     for a, b in zip(m32, m16, strict=True):
         # Layer-scope drop-and-grow keeps every G leaf at its ERK count, in both precisions.
         assert list(a["g_counts"]) == list(b["g_counts"]) == g_target

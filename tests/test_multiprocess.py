@@ -59,7 +59,7 @@ def test_two_processes_match_one_process_with_all_devices(tmp_path):
     # Params are compared through the generator's output, not leaf by leaf: a conv bias right
     # before a BatchNorm has an exactly-zero gradient up to rounding, and Adam turns the
     # rounding noise of different reduction orders into +-lr steps of no consequence.
-    z = jax.random.normal(jax.random.key(7), (4, setup.z_dim))
+    z = jax.random.normal(jax.random.key(7), (4, setup.model.z_dim))
     images = [np.asarray(steps.generate(setup, s.state.g_params, s.state.g_state,
                                         s.state.g_masks, z)) for s in (a, b)]
     np.testing.assert_allclose(images[0], images[1], atol=2e-3)

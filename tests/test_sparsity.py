@@ -49,8 +49,11 @@ def test_default_predicate_on_flax_tree_with_spectral_norm():
         "BatchNorm_0/scale": False, "BatchNorm_0/bias": False,
         "Embed_0/embedding": False,
         "Dense_0/kernel": True, "Dense_0/bias": False,
-        "projection/kernel": False,
+        # The library knows no model names: a head is maskable unless the model says otherwise.
+        "projection/kernel": True,
     }
+    dense_head = sp.maskable_tree(variables["params"], sp.maskable_except(["projection/"]))
+    assert dense_head["projection"]["kernel"] is False and dense_head["Conv_0"]["kernel"] is True
 
 
 def test_maskable_except_keeps_named_layer_dense():
@@ -502,7 +505,7 @@ def test_layer_counts_per_maskable_leaf_in_flatten_order():
         "Conv_0/kernel", "Dense_0/kernel"]
     assert counts.tolist() == [22, 12]
     assert int(counts.sum()) == int(sp.count_active(masks))
-    # The predicate picks the leaves (positional, as the runner passes setup.is_maskable).
+    # The predicate picks the leaves (positional, as the runner passes setup.model.is_maskable).
     assert sp.layer_counts(masks, sp.maskable_except(["Conv_0"])).tolist() == [12]
     none = sp.layer_counts(masks, lambda p, x: False)
     assert none.shape == (0,) and none.dtype == jnp.int32

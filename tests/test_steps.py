@@ -12,16 +12,18 @@ from ddst_jax.gan import steps
 
 @pytest.mark.parametrize("model", ["sngan32", "biggan32"])
 def test_br_forwards_in_one_d_call_equal_two_separate_calls(model):
-    # SPEC section 2: a = mean D(G_post(z)), c = mean D(x_r). br_forwards runs D once over both
-    # batches (one power iteration); the scores must equal two separate side-effect-free calls.
+    # docs/method.md section 2: a = mean D(G_post(z)), c = mean D(x_r). br_forwards runs D once
+    # over both batches (one power iteration); the scores must equal two separate side-effect-free
+    # calls.
     config = tiny_config(**{"model.name": model, "sparsity.method": "adapt"})
     setup = train.build_setup(config, train.validate_config(config))
     state = steps.init_state(setup, jax.random.key(0))
     k_z, k_x, k_y = jax.random.split(jax.random.key(1), 3)
-    z = jax.random.normal(k_z, (setup.batch_g, setup.z_dim))
-    x_real = jax.random.uniform(k_x, (setup.batch_d, *setup.image_shape), minval=-1, maxval=1)
-    y = steps.sample_labels(k_y, setup.batch_g, setup)
-    y_real = steps.sample_labels(k_y, setup.batch_d, setup)
+    z = jax.random.normal(k_z, (setup.train.batch_g, setup.model.z_dim))
+    x_real = jax.random.uniform(k_x, (setup.train.batch_d, *setup.model.image_shape),
+                                minval=-1, maxval=1)
+    y = steps.sample_labels(k_y, setup.train.batch_g, setup)
+    y_real = steps.sample_labels(k_y, setup.train.batch_d, setup)
     br = steps.br_forwards(setup, state.g_params, state.g_state, state.g_masks,
                            state.d_params, state.d_state, state.d_masks, z, y, x_real, y_real)
     a, c = br.a_scores, br.c_scores
@@ -32,7 +34,7 @@ def test_br_forwards_in_one_d_call_equal_two_separate_calls(model):
     fake = steps.generate(setup, state.g_params, state.g_state, state.g_masks, z, y)
     a_ref = steps.d_apply(setup, d_vars, fake, y, update_stats=False)
     c_ref = steps.d_apply(setup, d_vars, x_real, y_real, update_stats=False)
-    assert a.shape == (setup.batch_g,) and c.shape == (setup.batch_d,)
+    assert a.shape == (setup.train.batch_g,) and c.shape == (setup.train.batch_d,)
     np.testing.assert_allclose(a, a_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(c, c_ref, rtol=1e-5, atol=1e-6)
     assert jnp.all(jnp.isfinite(a)) and jnp.all(jnp.isfinite(c))
@@ -44,10 +46,11 @@ def test_br_forwards_reference_exact_advance_g_bn_and_d_sn_state():
     config = tiny_config(**{"model.name": "sngan32", "sparsity.method": "adapt",
                             "reference_mode": "exact"})
     setup = train.build_setup(config, train.validate_config(config))
-    assert setup.reference_exact and setup.br_eps == 0.0
+    assert setup.balance.train_mode_forwards and setup.balance.eps == 0.0
+    assert setup.sparsity.mask_sampling == "bernoulli" and setup.balance.window == 3
     state = steps.init_state(setup, jax.random.key(0))
-    z = jax.random.normal(jax.random.key(1), (setup.batch_g, setup.z_dim))
-    x_real = jax.random.uniform(jax.random.key(2), (setup.batch_d, *setup.image_shape),
+    z = jax.random.normal(jax.random.key(1), (setup.train.batch_g, setup.model.z_dim))
+    x_real = jax.random.uniform(jax.random.key(2), (setup.train.batch_d, *setup.model.image_shape),
                                 minval=-1, maxval=1)
     br = steps.br_forwards(setup, state.g_params, state.g_state, state.g_masks, state.d_params,
                            state.d_state, state.d_masks, z, None, x_real, None)

@@ -105,7 +105,7 @@ def _expected_d_counts(ctl: control.DensityControl, start: int, grow: bool) -> l
 def test_adapt_moves_d_by_exact_steps_and_keeps_g_count(band, grow, delta):
     config = toy2d.ToyConfig(**{**vars(TINY), "band": band, "delta": delta})
     setup = toy2d.build_setup(config, "adapt")
-    ctl = setup.density_control
+    ctl = setup.control
     state0 = toy2d.init_state(setup, jax.random.key(0))
     g_masks0 = jax.device_get(state0.g_masks)
     d_start = int(sp.count_active(state0.d_masks))  # state0 is donated to the first chunk

@@ -97,7 +97,7 @@ def test_every_method_trains_with_exact_densities_and_logs_br(name, tmp_path):
     density_rows = read_jsonl(tmp_path / train.DENSITY_LOG)
     (restored, setup) = restore_final(str(tmp_path), config)
     state = restored.state
-    spec = setup.method
+    spec = setup.sparsity.method
     g_counts = [sum(r["g_counts"]) for r in density_rows]
     d_counts = [sum(r["d_counts"]) for r in density_rows]
     if spec.masked:
@@ -270,10 +270,25 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     ("train.batch_size_d", 12, "config.train.batch_size_d.*divisible"),
     ("data.image_size", 48, "config.data.image_size"),
     ("model.name", "dcgan", "config.model.name"),
+    ("model.g_ch", 0, "config.model: g_ch=0 is invalid"),
+    ("control.band_low", 0.9, r"config.control: `band` must satisfy B- < B\+"),
+    ("control.d_update_every", 0, "config.control.d_update_every"),
+    ("control.controller", "pid", "config.control.controller: unknown controller 'pid'"),
+    ("parallel.num_devices", 64, "config.parallel.num_devices: 64 devices asked for"),
+    ("health.pinned_iterations", -1, "config.health.pinned_iterations"),
 ])
 def test_bad_config_is_refused_before_compiling(field, value, match):
     with pytest.raises(ValueError, match=match):
         train.validate_config(tiny_config(**{field: value}))
+
+
+def test_every_section_is_validated_before_the_data_loads(tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the data source was opened before the config was checked")
+
+    monkeypatch.setattr(data, "load_source", no_loading)
+    with pytest.raises(ValueError, match="config.control"):
+        train.train_and_evaluate(tiny_config(**{"control.band_low": 0.9}), str(tmp_path))
 
 
 def test_cli_missing_dataset_prints_one_clear_message(tmp_path):
@@ -345,12 +360,15 @@ def test_class_conditional_biggan_trains_with_labels(tmp_path):
         summary = train.train_and_evaluate(config, str(tmp_path))
     assert summary["finished"]
     restored, setup = restore_final(str(tmp_path), config)
-    assert setup.num_classes == 10
-    # The projection head and class embeddings stay dense; conv/dense kernels are masked.
+    assert setup.model.num_classes == 10
+    # The projection head and class embeddings stay dense (the model registry's predicate);
+    # conv/dense kernels are masked.
     flags = {sp.path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(
-        sp.maskable_tree(restored.state.d_params))}
+        sp.maskable_tree(restored.state.d_params, setup.model.is_maskable))}
     assert not any(v for k, v in flags.items() if "embed" in k or "classifier" in k)
-    assert int(sp.count_active(restored.state.d_masks)) == int(restored.state.controller.count)
+    assert any(v for k, v in flags.items() if k.endswith("kernel"))
+    assert int(sp.count_active(restored.state.d_masks, is_maskable=setup.model.is_maskable)) == int(
+        restored.state.controller.count)
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "br/ratio" in r]
     assert rows  # BR measured through the conditional forwards
 

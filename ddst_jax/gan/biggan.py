@@ -1,8 +1,9 @@
 """Class-conditional BigGAN generators and projection discriminators (Brock et al., 2019), NHWC.
 
-One generic implementation covers both BigGAN benchmarks of the paper (SPEC section 7). With
-default arguments, ``build_biggan`` gives the models that the authors' code (ADAPT) builds for
-``--model biggan.32`` and ``--model biggan.64``, layer for layer, including initialisation:
+One generic implementation covers both BigGAN benchmarks of the paper (docs/method.md section
+7). With default arguments, ``build_biggan`` gives the models that the authors' code (ADAPT)
+builds for ``--model biggan.32`` and ``--model biggan.64``, layer for layer, including
+initialisation:
 
   * ``biggan32`` (CIFAR-10, 10 classes): ADAPT's ``Generator32`` / ``Discriminator32``
     (``sparselearning/backbones/biggan.py``, BigGAN-PyTorch's CIFAR layout, ch 64 x 4). G: z (128)
@@ -53,14 +54,15 @@ dense, embedding and BatchNorm layer; params, BN running statistics and spectral
 ``u``/``sigma`` stay float32. Attention logits and softmax, D's global pooling, classifier and
 projection run in float32; G's images and D's scores are float32.
 
-Maskable (SPEC section 1; ``ddst_jax.sparsity.default_is_maskable`` selects this): every conv
-and dense ``kernel`` except D's unconditional head ``classifier`` and the conditional-BN gain and
-offset maps (modules ``gain_embed`` / ``bias_embed``). The authors' masking code drops every
-parameter whose name contains ``gain``, ``bias`` or ``classifier`` and every ``nn.Embedding``,
-which removes these (in ``biggan.64`` their D head is named ``linear1``, which the name filter
-does not catch, and the attention gate is a maskable 1-element parameter there; ERK's density
-cap leaves both dense in the initial masks). ``maskable_including_cbn`` is the predicate that
-masks the CBN maps too (they are dense kernels in ``biggan64``).
+Maskable (docs/method.md section 1; ``is_maskable``, which ``gan.registry`` hands the runner):
+every conv and dense ``kernel`` except D's unconditional head ``classifier`` and the
+conditional-BN gain and offset maps (modules ``gain_embed`` / ``bias_embed``). The authors'
+masking code drops every parameter whose name contains ``gain``, ``bias`` or ``classifier`` and
+every ``nn.Embedding``, which removes these (in ``biggan.64`` their D head is named
+``linear1``, which the name filter does not catch, and the attention gate is a maskable
+1-element parameter there; ERK's density cap leaves both dense in the initial masks).
+``maskable_including_cbn`` is the predicate that masks the CBN maps too (they are dense kernels
+in ``biggan64``).
 
 Typical use::
 
@@ -608,17 +610,31 @@ class Discriminator(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def maskable_including_cbn(path: tuple[Any, ...], leaf: Any) -> bool:
-    """``default_is_maskable``, plus the conditional-BN gain/offset linear kernels.
+#: Modules whose kernels the authors' masking code keeps dense: D's unconditional head and the
+#: conditional-BN gain/offset maps (it skips names containing "classifier" or "gain"/"bias").
+DENSE_MODULES: tuple[str, ...] = ("classifier", *CBN_MODULE_NAMES)
 
-    The literal reading of SPEC section 1 (every dense kernel is maskable); the default follows
-    the authors' code, which keeps them dense. Only ``biggan64`` has such kernels (``biggan32``'s
-    CBN maps are per-class tables, leaves named ``embedding``, never maskable).
+
+def _in_modules(path: tuple[Any, ...], modules: Sequence[str]) -> bool:
+    return any(key_name(k) in modules for k in path[:-1])
+
+
+def is_maskable(path: tuple[Any, ...], leaf: Any) -> bool:
+    """BigGAN's maskable predicate: the library default minus ``DENSE_MODULES``' kernels.
+
+    Class embeddings (leaves named ``embedding``) are never maskable anyway.
     """
-    names = [key_name(k) for k in path]
-    if names and names[-1] == "kernel" and any(n in CBN_MODULE_NAMES for n in names[:-1]):
-        return np.ndim(leaf) >= 2
-    return default_is_maskable(path, leaf)
+    return default_is_maskable(path, leaf) and not _in_modules(path, DENSE_MODULES)
+
+
+def maskable_including_cbn(path: tuple[Any, ...], leaf: Any) -> bool:
+    """``is_maskable``, plus the conditional-BN gain/offset linear kernels.
+
+    The literal reading of docs/method.md section 1 (every dense kernel is maskable); the
+    default follows the authors' code, which keeps them dense. Only ``biggan64`` has such
+    kernels (``biggan32``'s CBN maps are per-class tables, leaves named ``embedding``).
+    """
+    return default_is_maskable(path, leaf) and not _in_modules(path, ("classifier",))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The paper's training methods as static specifications (SPEC section 6)."""
+"""The paper's training methods as static specifications (docs/method.md section 6)."""
 
 from __future__ import annotations
 

@@ -1,21 +1,22 @@
 """The sparse-GAN train state and one training iteration as a single jitted function.
 
-One iteration (SPEC sections 2, 4-6) = ``n_dis`` D steps in a ``lax.scan`` -> one G step that
-also yields b = mean D(G_pre(z)) -> every ``br_every`` iterations the BR forwards
-a = mean D(G_post(z)) and c = mean D(x_r) -> every dT_G iterations G's drop-and-grow -> every
-dT_D iterations D's density decision -> the sparse EMA of G. Masks are multiplied into the
-parameters inside every forward; the scheduled updates run under ``lax.cond`` so mask changes
-never retrace or recompile.
+One iteration (docs/method.md sections 2, 4-6; docs/design.md has the data flow) = ``n_dis`` D
+steps in a ``lax.scan`` -> one G step that also yields b = mean D(G_pre(z)) -> every
+``balance.every`` iterations the BR forwards a = mean D(G_post(z)) and c = mean D(x_r) -> every
+dT_G iterations G's drop-and-grow -> D's controller and ``control.apply_decision`` -> the sparse
+EMA of G. Masks are multiplied into the parameters inside every forward; the scheduled updates
+run under ``lax.cond`` / ``lax.switch`` so mask changes never retrace or recompile.
 
 As in the paper's code, each D step scores the real and the fake batch in two D forwards (two
 spectral-norm power iterations, each batch normalised by its own sigma estimate);
-``GanSetup.d_forward="concat"`` scores them in one forward instead. The BR forwards leave every
-state untouched unless ``GanSetup.reference_exact`` asks for the paper code's train-mode forwards
-(G's BatchNorm statistics and D's spectral-norm state advance, one power iteration each for a and
-for c).
+``TrainSpec.d_forward="concat"`` scores them in one forward instead. The BR forwards leave every
+state untouched unless ``BalanceSpec.train_mode_forwards`` asks for the paper code's train-mode
+forwards (G's BatchNorm statistics and D's spectral-norm state advance, one power iteration each
+for a and for c).
 
-The public step functions (``draw_noise``, ``d_steps``, ``g_step``, ``br_forwards``) are the
-pieces of ``train_iteration``, for benchmarks, tests and custom loops; they return named tuples.
+The public step functions (``draw_noise``, ``d_steps``, ``g_step``, ``br_forwards``,
+``g_mask_update``, ``d_density_update``, ``sparse_ema``) are the pieces of
+``train_iteration``, for benchmarks, tests and custom loops; they return named tuples.
 
 Under a bfloat16 compute dtype (``config.model.compute_dtype``) only the activations inside G
 and D are bfloat16: the models take float32 noise and images, cast float32 params in each layer
@@ -26,12 +27,9 @@ counts) therefore runs on float32 values, unchanged.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +38,7 @@ import optax
 from ddst_jax import balance, control
 from ddst_jax import sparsity as sp
 from ddst_jax.gan import losses
-from ddst_jax.gan.methods import MethodSpec
+from ddst_jax.gan.setup import D_FORWARDS, GanSetup  # noqa: F401 (re-exported)
 
 PyTree = Any
 
@@ -74,50 +72,6 @@ class TrainState:
     br_window: balance.BRWindow
     controller: control.ControllerState
     key: jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class GanSetup:
-    """Static description of a run's iteration (models, optimizers, method, schedules)."""
-
-    generator: nn.Module
-    discriminator: nn.Module
-    g_tx: optax.GradientTransformation
-    d_tx: optax.GradientTransformation
-    method: MethodSpec
-    z_dim: int
-    image_shape: tuple[int, int, int]
-    batch_g: int
-    batch_d: int
-    n_dis: int
-    total_iterations: int
-    g_update_every: int = 500
-    drop_fraction: float = 0.5
-    drop_fraction_final: float = 0.005
-    br_every: int = 10
-    br_window: int = 100
-    br_eps: float = balance.DEFAULT_EPS
-    ema_decay: float = 0.999
-    density_control: control.DensityControl | None = None
-    is_maskable: Callable | None = None
-    num_classes: int = 0  # > 0: class-conditional G(z, y) and D(x, y)
-    # Unroll the n_dis D steps of the scan. On XLA:CPU convolutions inside a while-loop body
-    # take a slow path: a dense width-64 SNGAN iteration measured 27.9 s rolled, 1.3 s unrolled.
-    unroll_d_steps: bool = True
-    # "separate": D(real) and D(fake) as two forwards per D step (the paper's code); "concat":
-    # one forward over both batches (one spectral-norm power iteration per D step).
-    d_forward: str = "separate"
-    # The paper's code exactly: train-mode BR forwards and Bernoulli mask draws (the runner also
-    # sets the 101-ratio decision window, br_eps = 0 and the controller's float arithmetic).
-    reference_exact: bool = False
-
-    def __post_init__(self) -> None:
-        if self.d_forward not in D_FORWARDS:
-            raise ValueError(f"Unknown d_forward {self.d_forward!r}; use one of {D_FORWARDS}.")
-
-
-#: How a D step scores the real and the fake batch (``GanSetup.d_forward``).
-D_FORWARDS = ("separate", "concat")
 
 
 class IterationNoise(NamedTuple):
@@ -163,7 +117,7 @@ class GStepResult(NamedTuple):
 
 class BRForwards(NamedTuple):
     """What ``br_forwards`` returns: a-scores D(G_post(z)), c-scores D(x_r), and G's and D's
-    states after them (unchanged unless ``GanSetup.reference_exact``)."""
+    states after them (unchanged unless ``BalanceSpec.train_mode_forwards``)."""
 
     a_scores: jax.Array
     c_scores: jax.Array
@@ -174,75 +128,76 @@ class BRForwards(NamedTuple):
 def g_apply(setup: GanSetup, variables: PyTree, z: jax.Array, y: jax.Array | None, *,
             train: bool, **kwargs):
     """``G.apply`` for conditional (``y`` (B,) int32) and unconditional models alike."""
-    args = (z, y) if setup.num_classes else (z,)
-    return setup.generator.apply(variables, *args, train=train, **kwargs)
+    args = (z, y) if setup.model.num_classes else (z,)
+    return setup.model.generator.apply(variables, *args, train=train, **kwargs)
 
 
 def d_apply(setup: GanSetup, variables: PyTree, x: jax.Array, y: jax.Array | None, *,
             update_stats: bool = True, **kwargs):
     """``D.apply`` for conditional (``y`` (B,) int32) and unconditional models alike."""
-    args = (x, y) if setup.num_classes else (x,)
-    return setup.discriminator.apply(variables, *args, update_stats=update_stats, **kwargs)
+    args = (x, y) if setup.model.num_classes else (x,)
+    return setup.model.discriminator.apply(variables, *args, update_stats=update_stats, **kwargs)
 
 
 def sample_labels(key: jax.Array, batch: int, setup: GanSetup) -> jax.Array | None:
     """Uniform class labels for fake images (None for unconditional models)."""
-    if not setup.num_classes:
+    if not setup.model.num_classes:
         return None
-    return jax.random.randint(key, (batch,), 0, setup.num_classes, dtype=jnp.int32)
+    return jax.random.randint(key, (batch,), 0, setup.model.num_classes, dtype=jnp.int32)
 
 
 def _masked(params: PyTree, masks: PyTree, setup: GanSetup) -> PyTree:
-    return sp.apply_masks(params, masks) if setup.method.masked else params
+    return sp.apply_masks(params, masks) if setup.sparsity.method.masked else params
 
 
 def _densities(params: PyTree, density: float, setup: GanSetup, distribution: str,
                power: float) -> PyTree:
-    return sp.layer_densities(params, density, distribution, is_maskable=setup.is_maskable,
+    return sp.layer_densities(params, density, distribution, is_maskable=setup.model.is_maskable,
                               power=power)
 
 
-def init_state(setup: GanSetup, key: jax.Array, *, distribution: str = "erk",
-               erk_power: float = 1.0) -> TrainState:
-    """Initial state: fresh params, ERK (or uniform) masks from ``key``, empty BR window.
+def init_state(setup: GanSetup, key: jax.Array) -> TrainState:
+    """Initial state: fresh params, masks from ``key`` (``setup.sparsity``'s layer densities and
+    sampling), an empty BR window, the controller's initial state.
 
     Every process that calls this with the same key draws the same params and masks.
     """
+    distribution, erk_power = setup.sparsity.distribution, setup.sparsity.erk_power
     k_g, k_d, k_gm, k_dm, k_run = jax.random.split(key, 5)
-    z = jnp.zeros((1, setup.z_dim))
-    y = jnp.zeros((1,), jnp.int32) if setup.num_classes else None
-    g_vars = setup.generator.init(k_g, *((z, y) if y is not None else (z,)), train=False)
-    d_vars = setup.discriminator.init(
-        k_d, *((jnp.zeros((1, *setup.image_shape)), y) if y is not None
-               else (jnp.zeros((1, *setup.image_shape)),)))
+    z = jnp.zeros((1, setup.model.z_dim))
+    y = jnp.zeros((1,), jnp.int32) if setup.model.num_classes else None
+    g_vars = setup.model.generator.init(k_g, *((z, y) if y is not None else (z,)), train=False)
+    d_vars = setup.model.discriminator.init(
+        k_d, *((jnp.zeros((1, *setup.model.image_shape)), y) if y is not None
+               else (jnp.zeros((1, *setup.model.image_shape)),)))
     g_params, d_params = g_vars["params"], d_vars["params"]
-    m = setup.method
+    m = setup.sparsity.method
     if m.masked:
-        sampling = "bernoulli" if setup.reference_exact else "exact"
+        sampling = setup.sparsity.mask_sampling
         g_masks = sp.init_masks(k_gm, g_params, _densities(g_params, m.g_density, setup,
-                                distribution, erk_power), is_maskable=setup.is_maskable,
+                                distribution, erk_power), is_maskable=setup.model.is_maskable,
                                 sampling=sampling)
         d_masks = sp.init_masks(k_dm, d_params, _densities(d_params, m.d_density, setup,
-                                distribution, erk_power), is_maskable=setup.is_maskable,
+                                distribution, erk_power), is_maskable=setup.model.is_maskable,
                                 sampling=sampling)
     else:
         g_masks, d_masks = sp.dense_masks(g_params), sp.dense_masks(d_params)
     g_params = sp.apply_masks(g_params, g_masks)
     d_params = sp.apply_masks(d_params, d_masks)
-    d_count = sp.count_active(d_masks, is_maskable=setup.is_maskable)
+    d_count = sp.count_active(d_masks, is_maskable=setup.model.is_maskable)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         g_params=g_params,
         g_state=g_vars.get("batch_stats", {}),
         d_params=d_params,
         d_state=d_vars.get("batch_stats", {}),
-        g_opt=setup.g_tx.init(g_params),
-        d_opt=setup.d_tx.init(d_params),
+        g_opt=setup.train.g_tx.init(g_params),
+        d_opt=setup.train.d_tx.init(d_params),
         g_masks=g_masks,
         d_masks=d_masks,
         g_ema=jax.tree_util.tree_map(jnp.copy, g_params),  # own buffers: state is donated
-        br_window=balance.init_window(setup.br_window),
-        controller=control.ControllerState(jnp.asarray(d_count, jnp.int32)),
+        br_window=balance.init_window(setup.balance.window),
+        controller=setup.control.init(jnp.asarray(d_count, jnp.int32)),
         key=k_run,
     )
 
@@ -253,7 +208,7 @@ def generate(setup: GanSetup, params: PyTree, g_state: PyTree, masks: PyTree, z:
 
     ``y`` (B,) int32 labels are required for conditional models.
     """
-    if setup.num_classes and y is None:
+    if setup.model.num_classes and y is None:
         raise ValueError("A class-conditional generator needs labels `y`.")
     variables = {"params": _masked(params, masks, setup), "batch_stats": g_state}
     if train:
@@ -269,11 +224,14 @@ def _sharded(x: jax.Array, sharding) -> jax.Array:
 def draw_noise(setup: GanSetup, key: jax.Array) -> IterationNoise:
     """The noise and fake labels of one iteration, from ``key`` (the iteration's noise keys).
 
-    >>> import jax, flax.linen as nn
+    >>> import jax, flax.linen as nn, optax
+    >>> from ddst_jax.gan import setup as setup_lib
     >>> from ddst_jax.gan.methods import resolve_method
-    >>> dense = resolve_method("dense", g_density=1.0)
-    >>> s = GanSetup(nn.Dense(1), nn.Dense(1), None, None, dense, z_dim=4, image_shape=(2, 2, 3),
-    ...              batch_g=3, batch_d=2, n_dis=5, total_iterations=1)
+    >>> s = setup_lib.build_setup(
+    ...     setup_lib.ModelSpec(nn.Dense(1), nn.Dense(1), z_dim=4, image_shape=(3,)),
+    ...     setup_lib.TrainSpec(optax.sgd(0.1), optax.sgd(0.1), batch_g=3, batch_d=2, n_dis=5,
+    ...                         total_iterations=1),
+    ...     setup_lib.SparsitySpec(resolve_method("dense", g_density=1.0)))
     >>> noise = draw_noise(s, jax.random.key(0))
     >>> noise.z_d.shape, noise.z_g.shape, noise.y_d
     ((5, 2, 4), (3, 4), None)
@@ -282,16 +240,18 @@ def draw_noise(setup: GanSetup, key: jax.Array) -> IterationNoise:
 
     def draw(k, batch):
         k_z, k_y = jax.random.split(k)
-        return jax.random.normal(k_z, (batch, setup.z_dim)), sample_labels(k_y, batch, setup)
+        z = jax.random.normal(k_z, (batch, setup.model.z_dim))
+        return z, sample_labels(k_y, batch, setup)
 
-    z_d, y_d = jax.vmap(lambda k: draw(k, setup.batch_d))(jax.random.split(k_d, setup.n_dis))
-    z_g, y_g = draw(k_g, setup.batch_g)
+    train = setup.train
+    z_d, y_d = jax.vmap(lambda k: draw(k, train.batch_d))(jax.random.split(k_d, train.n_dis))
+    z_g, y_g = draw(k_g, train.batch_g)
     return IterationNoise(z_d, y_d, z_g, y_g)
 
 
 def _d_scores(setup: GanSetup, d_eff: PyTree, d_state: PyTree, x_real, y_real, fake, y_fake):
     """D's scores of the real and the fake batch, with the state after the forward(s)."""
-    if setup.d_forward == "concat":
+    if setup.train.d_forward == "concat":
         y_both = None if y_fake is None else jnp.concatenate([y_real, y_fake])
         scores, upd = d_apply(setup, {"params": d_eff, "batch_stats": d_state},
                               jnp.concatenate([x_real, fake]), y_both, mutable=["batch_stats"])
@@ -318,7 +278,7 @@ def d_steps(setup: GanSetup, state: TrainState, real: jax.Array, real_labels: ja
       z_sharding: optional sharding of a (B_D, z_dim) noise batch.
     """
     g_eff = _masked(state.g_params, state.g_masks, setup)
-    policy = setup.method.policy
+    policy = setup.sparsity.method.policy
 
     def one_step(carry, inputs):
         d_params, d_state, d_opt, g_state, _ = carry
@@ -336,18 +296,19 @@ def d_steps(setup: GanSetup, state: TrainState, real: jax.Array, real_labels: ja
         d_eff = _masked(d_params, state.d_masks, setup)
         # Gradient w.r.t. the effective weights w*m: dense, as the paper's code feeds Adam.
         (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_eff)
-        if setup.method.masked:
-            d_params, d_opt = sp.sparse_update(setup.d_tx, grads, d_opt, d_params, state.d_masks,
-                                               policy)
+        if setup.sparsity.method.masked:
+            d_params, d_opt = sp.sparse_update(setup.train.d_tx, grads, d_opt, d_params,
+                                               state.d_masks, policy)
         else:
-            updates, d_opt = setup.d_tx.update(grads, d_opt, d_params)
+            updates, d_opt = setup.train.d_tx.update(grads, d_opt, d_params)
             d_params = optax.apply_updates(d_params, updates)
         return (d_params, new_state, d_opt, g_upd["batch_stats"], grads), loss
 
     zero_grads = jax.tree_util.tree_map(jnp.zeros_like, state.d_params)
     carry = (state.d_params, state.d_state, state.d_opt, state.g_state, zero_grads)
     (d_params, d_state, d_opt, g_state, d_grads), d_losses = jax.lax.scan(
-        one_step, carry, (real, real_labels, noise.z_d, noise.y_d), unroll=setup.unroll_d_steps)
+        one_step, carry, (real, real_labels, noise.z_d, noise.y_d),
+        unroll=setup.train.unroll_d_steps)
     return DStepsResult(d_params, d_state, d_opt, g_state, d_grads, d_losses)
 
 
@@ -369,29 +330,29 @@ def g_step(setup: GanSetup, state: TrainState, d_params: PyTree, d_state: PyTree
 
     g_eff = _masked(state.g_params, state.g_masks, setup)
     (loss, (b_scores, g_state, d_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(g_eff)
-    if setup.method.masked:
-        g_params, g_opt = sp.sparse_update(setup.g_tx, grads, state.g_opt, state.g_params,
-                                           state.g_masks, setup.method.policy)
+    if setup.sparsity.method.masked:
+        g_params, g_opt = sp.sparse_update(setup.train.g_tx, grads, state.g_opt, state.g_params,
+                                           state.g_masks, setup.sparsity.method.policy)
     else:
-        updates, g_opt = setup.g_tx.update(grads, state.g_opt, state.g_params)
+        updates, g_opt = setup.train.g_tx.update(grads, state.g_opt, state.g_params)
         g_params = optax.apply_updates(state.g_params, updates)
     return GStepResult(g_params, g_state, g_opt, d_state, loss, grads, b_scores)
 
 
 def br_forwards(setup: GanSetup, g_params, g_state, g_masks, d_params, d_state, d_masks, z, y,
                 x_real, y_real) -> BRForwards:
-    """The BR's a-scores D(G_post(z)) and c-scores D(x_r) (SPEC section 2).
+    """The BR's a-scores D(G_post(z)) and c-scores D(x_r) (docs/method.md section 2).
 
     By default nothing is written: G's BatchNorm updates are discarded and D runs with
     ``update_stats=False``, in one forward over both batches (D has no batch-coupled layer and
     both halves see the same u, so the scores equal two forwards). With
-    ``setup.reference_exact`` they run as the paper's code runs them: G in train mode with its
-    BatchNorm statistics updated, then D(G_post(z)) and D(x_r) as two train-mode forwards, each
-    advancing the spectral-norm state by one power iteration.
+    ``setup.balance.train_mode_forwards`` they run as the paper's code runs them: G in train
+    mode with its BatchNorm statistics updated, then D(G_post(z)) and D(x_r) as two train-mode
+    forwards, each advancing the spectral-norm state by one power iteration.
     """
     d_vars = {"params": _masked(d_params, d_masks, setup), "batch_stats": d_state}
     g_vars = {"params": _masked(g_params, g_masks, setup), "batch_stats": g_state}
-    if setup.reference_exact:
+    if setup.balance.train_mode_forwards:
         fake_post, g_upd = g_apply(setup, g_vars, z, y, train=True, mutable=["batch_stats"])
         a_scores, d_upd = d_apply(setup, d_vars, fake_post, y, mutable=["batch_stats"])
         c_scores, d_upd = d_apply(setup, {**d_vars, "batch_stats": d_upd["batch_stats"]},
@@ -407,66 +368,54 @@ def br_forwards(setup: GanSetup, g_params, g_state, g_masks, d_params, d_state, 
 
 
 def _grow_scores(setup: GanSetup, grads: PyTree, masks: PyTree, key: jax.Array) -> PyTree:
-    if setup.method.regrow == "rigl":
+    if setup.sparsity.method.regrow == "rigl":
         return sp.gradient_scores(grads)
     return sp.random_scores(key, masks)
 
 
-def _g_mask_update(setup: GanSetup, t, g_params, g_masks, g_opt, g_grads, key):
-    """G's drop-and-grow on update steps (lax.cond); returns params, masks, opt state."""
+def _drop_fraction(setup: GanSetup, t) -> jax.Array:
+    sp_spec = setup.sparsity
+    return sp.cosine_drop_fraction(t, setup.train.total_iterations, sp_spec.drop_fraction,
+                                   sp_spec.drop_fraction_final)
+
+
+def g_mask_update(setup: GanSetup, t, g_params, g_masks, g_opt, g_grads, key):
+    """G's drop-and-grow after iteration ``t`` when it is an update step (``lax.cond``);
+    returns (params, masks, optimizer state)."""
+    method, pred = setup.sparsity.method, setup.model.is_maskable
 
     def update(operands):
         params, masks, opt = operands
-        f = sp.cosine_drop_fraction(t, setup.total_iterations, setup.drop_fraction,
-                                    setup.drop_fraction_final)
         upd = sp.drop_and_grow_update(masks, sp.magnitude_scores(params),
-                                      _grow_scores(setup, g_grads, masks, key), f,
-                                      scope=setup.method.scope, is_maskable=setup.is_maskable)
-        opt = sp.optimizer_state_after_regrowth(setup.g_tx, opt, upd.grown, setup.method.policy)
+                                      _grow_scores(setup, g_grads, masks, key),
+                                      _drop_fraction(setup, t), scope=method.scope,
+                                      is_maskable=pred)
+        opt = sp.optimizer_state_after_regrowth(setup.train.g_tx, opt, upd.grown, method.policy)
         return sp.params_after_update(params, upd), upd.masks, opt
 
-    do = sp.is_update_step(t, setup.g_update_every, setup.total_iterations)
+    do = sp.is_update_step(t, setup.sparsity.g_update_every, setup.train.total_iterations)
     return jax.lax.cond(do, update, lambda o: o, (g_params, g_masks, g_opt))
 
 
-def _d_density_update(setup: GanSetup, t, ctrl_state, window, d_params, d_masks, d_opt, d_grads,
-                      key):
-    """Controller decision and its effect on D's masks (lax.switch over the action)."""
-    ctl = setup.density_control
-    ctrl_state, decision = control.controller_step(ctrl_state, window, t, ctl)
-    drop = sp.magnitude_scores(d_params)
-    grow = _grow_scores(setup, d_grads, d_masks, key)
-    policy, pred = setup.method.policy, setup.is_maskable
-
-    def finish(upd, opt):
-        opt = sp.optimizer_state_after_regrowth(setup.d_tx, opt, upd.grown, policy)
-        return sp.params_after_update(d_params, upd), upd.masks, opt
-
-    def keep(opt):
-        return d_params, d_masks, opt
-
-    def resize(opt):
-        return finish(sp.resize_update(d_masks, decision.target_count, drop, grow,
-                                       is_maskable=pred), opt)
-
-    def dst(opt):
-        f = sp.cosine_drop_fraction(t, setup.total_iterations, setup.drop_fraction,
-                                    setup.drop_fraction_final)
-        return finish(sp.drop_and_grow_update(d_masks, drop, grow, f, scope=setup.method.scope,
-                                              is_maskable=pred), opt)
-
-    branches = [None] * 4
-    branches[control.NONE], branches[control.GROW] = keep, resize
-    branches[control.PRUNE], branches[control.DST] = resize, dst
-    d_params, d_masks, d_opt = jax.lax.switch(decision.action, branches, d_opt)
-    return ctrl_state, decision, d_params, d_masks, d_opt
+def d_density_update(setup: GanSetup, t, ctrl_state, window, d_params, d_masks, d_opt, d_grads,
+                     key):
+    """D's controller step and ``control.apply_decision`` on D's masks; returns (controller
+    state, decision, params, masks, optimizer state)."""
+    method = setup.sparsity.method
+    ctrl_state, decision = setup.control.step(ctrl_state, window, t)
+    upd = control.apply_decision(
+        d_masks, decision, sp.magnitude_scores(d_params),
+        _grow_scores(setup, d_grads, d_masks, key), drop_fraction=_drop_fraction(setup, t),
+        scope=method.scope, is_maskable=setup.model.is_maskable)
+    d_opt = sp.optimizer_state_after_regrowth(setup.train.d_tx, d_opt, upd.grown, method.policy)
+    return ctrl_state, decision, sp.params_after_update(d_params, upd), upd.masks, d_opt
 
 
 def sparse_ema(ema: PyTree, masks: PyTree, params: PyTree, decay: float) -> PyTree:
     """One step of G's sparse EMA: ``decay * (ema * mask) + (1 - decay) * params``, per leaf.
 
-    Multiplying by the current mask every iteration equals SPEC section 5's "multiply on mask
-    change" because inactive EMA entries are already 0 otherwise.
+    Multiplying by the current mask every iteration equals docs/method.md section 5's "multiply
+    on mask change" because inactive EMA entries are already 0 otherwise.
     """
     return jax.tree_util.tree_map(
         lambda e, m, p: decay * jnp.where(m, e, 0.0) + (1.0 - decay) * p, ema, masks, params)
@@ -502,13 +451,13 @@ def train_iteration(setup: GanSetup, state: TrainState, real: jax.Array,
     g_params, g_state, g_opt, d_state, g_loss, g_grads, b_scores = g_step(
         setup, state, d_params, d_state, g_state, noise, z_sharding)
 
-    measure = balance.is_measure_step(t, setup.br_every)
+    measure = balance.is_measure_step(t, setup.balance.every)
 
     def measure_br(states):
         g_st, d_st = states
         br = br_forwards(setup, g_params, g_st, state.g_masks, d_params, d_st, state.d_masks,
                          _sharded(noise.z_g, z_sharding), noise.y_g, real[-1], real_labels[-1])
-        ratio = balance.balance_ratio(br.c_scores, b_scores, br.a_scores, setup.br_eps)
+        ratio = balance.balance_ratio(br.c_scores, b_scores, br.a_scores, setup.balance.eps)
         abc = jnp.stack([jnp.mean(br.a_scores), jnp.mean(b_scores), jnp.mean(br.c_scores)])
         return ratio, abc, br.g_state, br.d_state
 
@@ -520,26 +469,26 @@ def train_iteration(setup: GanSetup, state: TrainState, real: jax.Array,
                           state.br_window)
 
     g_masks = state.g_masks
-    if setup.method.g_dynamic:
-        g_params, g_masks, g_opt = _g_mask_update(setup, t, g_params, g_masks, g_opt, g_grads,
-                                                  k_gm)
+    if setup.sparsity.method.g_dynamic:
+        g_params, g_masks, g_opt = g_mask_update(setup, t, g_params, g_masks, g_opt, g_grads,
+                                                 k_gm)
     d_masks, ctrl_state = state.d_masks, state.controller
     action = jnp.asarray(control.NONE, jnp.int32)
-    if setup.method.d_control != "static":
-        ctrl_state, decision, d_params, d_masks, d_opt = _d_density_update(
+    if getattr(setup.control, "kind", None) != "static":  # a static controller never acts
+        ctrl_state, decision, d_params, d_masks, d_opt = d_density_update(
             setup, t, ctrl_state, window, d_params, d_masks, d_opt, d_grads, k_dm)
         action = decision.action
 
-    g_ema = sparse_ema(state.g_ema, g_masks, g_params, setup.ema_decay)
+    g_ema = sparse_ema(state.g_ema, g_masks, g_params, setup.train.ema_decay)
 
     new_state = TrainState(
         step=t, g_params=g_params, g_state=g_state, d_params=d_params, d_state=d_state,
         g_opt=g_opt, d_opt=d_opt, g_masks=g_masks, d_masks=d_masks, g_ema=g_ema,
         br_window=window, controller=ctrl_state, key=key)
-    n_g = max(1, sp.num_maskable(g_masks, is_maskable=setup.is_maskable))
-    n_d = max(1, sp.num_maskable(d_masks, is_maskable=setup.is_maskable))
-    g_counts = sp.layer_counts(g_masks, setup.is_maskable)
-    d_counts = sp.layer_counts(d_masks, setup.is_maskable)
+    n_g = max(1, sp.num_maskable(g_masks, is_maskable=setup.model.is_maskable))
+    n_d = max(1, sp.num_maskable(d_masks, is_maskable=setup.model.is_maskable))
+    g_counts = sp.layer_counts(g_masks, setup.model.is_maskable)
+    d_counts = sp.layer_counts(d_masks, setup.model.is_maskable)
     metrics = {
         "loss/d": jnp.mean(d_losses),
         "loss/d_steps": d_losses,
@@ -549,7 +498,7 @@ def train_iteration(setup: GanSetup, state: TrainState, real: jax.Array,
         "br/b": abc[1],  # mean D(G_pre(z))
         "br/c": abc[2],  # mean D(x_r)
         "br/windowed": balance.windowed_mean(
-            window, ignore_nonfinite=not setup.reference_exact),
+            window, ignore_nonfinite=setup.balance.ignore_nonfinite),
         "br/ignored": balance.num_ignored(window),
         "br/window_full": balance.is_full(window),
         "density/g": jnp.sum(g_counts) / np.float32(n_g),
@@ -563,9 +512,10 @@ def train_iteration(setup: GanSetup, state: TrainState, real: jax.Array,
 
 def leaf_names(masks: PyTree, setup: GanSetup) -> list[str]:
     """Names ('Block_0/Conv_0/kernel') of the maskable leaves, in ``*_counts`` order."""
-    return [sp.path_str(p) for p, _ in sp.maskable_leaves(masks, setup.is_maskable)]
+    return [sp.path_str(p) for p, _ in sp.maskable_leaves(masks, setup.model.is_maskable)]
 
 
 def leaf_sizes(masks: PyTree, setup: GanSetup) -> list[int]:
     """Sizes of the maskable leaves, in ``*_counts`` order."""
-    return [int(np.prod(np.shape(m))) for _, m in sp.maskable_leaves(masks, setup.is_maskable)]
+    leaves = sp.maskable_leaves(masks, setup.model.is_maskable)
+    return [int(np.prod(np.shape(m))) for _, m in leaves]

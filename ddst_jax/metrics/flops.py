@@ -1,4 +1,4 @@
-"""Training FLOPs of sparse GANs, counted the way the paper counts them (SPEC section 8).
+"""Training FLOPs of sparse GANs, counted the way the paper counts them (docs/method.md section 8).
 
 Three layers of accounting, each a small function:
 
@@ -12,7 +12,7 @@ Three layers of accounting, each a small function:
    numbers, the samples per iteration and the mask intervals of a run, in the paper's convention
    or a physically correct one.
 
-Counting rules per sample (SPEC section 8; multiply-accumulates, one FLOP each):
+Counting rules per sample (docs/method.md section 8; multiply-accumulates, one FLOP each):
   - dense ``in * out`` (+ ``out`` with bias), per output vector;
   - conv ``c_in * c_out * k_h * k_w * H_out * W_out / groups`` (+ ``c_out * H_out * W_out`` with
     bias);
@@ -165,7 +165,7 @@ def layer_flops(
     rngs: Mapping[str, jax.Array] | None = None,
     **kwargs: Any,
 ) -> list[LayerFlops]:
-    """Per-sample forward FLOPs of every counted layer call of ``module`` (SPEC section 8).
+    """Per-sample forward FLOPs of every counted layer call of ``module`` (docs/method.md 8).
 
     The model is initialised and applied under ``jax.eval_shape``, so only shapes are traced.
     Calls are recorded in execution order; a layer called twice appears twice.
@@ -325,7 +325,7 @@ def forward_flops(layers: Sequence[LayerFlops], densities: Densities | None = No
 
 
 def samples_per_iteration(n_dis: int, batch_g: int, batch_d: int) -> tuple[int, int]:
-    """Forward-equivalent samples per iteration of G and of D (SPEC section 8).
+    """Forward-equivalent samples per iteration of G and of D (docs/method.md section 8).
 
     G: ``n_dis * B_D`` fakes generated for the D steps plus ``3 * B_G`` for its own step (forward
     and a backward counted as two forwards). D: ``3 * n_dis * B_D`` in its steps plus ``B_G`` in
@@ -444,7 +444,7 @@ def training_flops(
       when it may skip updates that left every per-layer density unchanged.
     ``convention="physical"``: every interval lasts from its entry's iteration to the next entry
     (the last to ``iterations``), in iterations, for G and D alike. The samples per iteration
-    are the SPEC's in both conventions.
+    are docs/method.md section 8's in both conventions.
 
     Not counted: mask updates, BR forwards, EMA, evaluation.
 

@@ -32,7 +32,7 @@ import pathlib
 import shutil
 import tempfile
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -324,12 +324,37 @@ class InceptionV3(nn.Module):
 # ------------------------------------------------------------------------------------------
 
 
-def preprocess(images: jax.Array) -> jax.Array:
-    """uint8 (N, H, W, C) images -> float32 (N, 299, 299, 3) in [-1, 1], as pytorch-fid.
+#: How images are resized to 299x299: pytorch-fid's convention, or TensorFlow 1's (TTUR).
+RESIZE_MODES = ("pytorch", "tf1")
 
-    ``x / 255`` -> ``F.interpolate(size=299, mode="bilinear", align_corners=False)`` (half-pixel
-    centres, edge clamping, no antialiasing) -> ``2 x - 1``. C = 1 is repeated to RGB.
+
+def _resize_tf1(x: jax.Array, size: int) -> jax.Array:
+    """TensorFlow 1's ``resize_bilinear`` (align_corners=False, no half-pixel centres): output
+    pixel i samples input coordinate ``i * in / out``, the right neighbour clamped at the edge.
+    This is what the TTUR Inception graph (and so the paper's FID) applies to its input."""
+
+    def axis(in_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        src = jnp.arange(size, dtype=jnp.float32) * (in_size / size)
+        lo = jnp.floor(src).astype(jnp.int32)
+        return lo, jnp.minimum(lo + 1, in_size - 1), src - lo
+
+    h0, h1, wh = axis(x.shape[1])
+    w0, w1, ww = axis(x.shape[2])
+    wh, ww = wh[None, :, None, None], ww[None, None, :, None]
+    rows = x[:, h0] * (1.0 - wh) + x[:, h1] * wh
+    return rows[:, :, w0] * (1.0 - ww) + rows[:, :, w1] * ww
+
+
+def preprocess(images: jax.Array, resize: str = "pytorch") -> jax.Array:
+    """uint8 (N, H, W, C) images -> float32 (N, 299, 299, 3) in [-1, 1].
+
+    ``x / 255`` -> bilinear resize to 299 -> ``2 x - 1``; C = 1 is repeated to RGB. ``resize``:
+    ``"pytorch"`` is pytorch-fid's ``F.interpolate(mode="bilinear", align_corners=False)``
+    (half-pixel centres, edge clamping, no antialiasing); ``"tf1"`` is TensorFlow 1's legacy
+    ``resize_bilinear`` (see ``_resize_tf1``), as in the TTUR graph the paper's FID used.
     """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"Unknown resize mode {resize!r}; use one of {RESIZE_MODES}.")
     if images.dtype != jnp.uint8:
         raise TypeError(
             f"Inception features need uint8 images (0..255), got {images.dtype}. Quantise "
@@ -342,15 +367,19 @@ def preprocess(images: jax.Array) -> jax.Array:
         images = jnp.repeat(images, 3, axis=-1)
     x = images.astype(jnp.float32) / 255.0
     n = x.shape[0]
-    # With antialias=False, jax's triangle kernel is torch's 2-tap bilinear with
-    # align_corners=False, including the clamped borders (checked in the tests).
-    x = jax.image.resize(x, (n, INPUT_SIZE, INPUT_SIZE, 3), "bilinear", antialias=False)
+    if resize == "tf1":
+        x = _resize_tf1(x, INPUT_SIZE)
+    else:
+        # With antialias=False, jax's triangle kernel is torch's 2-tap bilinear with
+        # align_corners=False, including the clamped borders (checked in the tests).
+        x = jax.image.resize(x, (n, INPUT_SIZE, INPUT_SIZE, 3), "bilinear", antialias=False)
     return 2.0 * x - 1.0
 
 
-@functools.partial(jax.jit, static_argnames=("logits_bias",))
+@functools.partial(jax.jit, static_argnames=("logits_bias", "resize"))
 def features(
-    variables: Variables, images: jax.Array, *, logits_bias: bool = False
+    variables: Variables, images: jax.Array, *, logits_bias: bool = False,
+    resize: str = "pytorch",
 ) -> tuple[jax.Array, jax.Array]:
     """Inception features of a batch of images (jitted; one compile per input shape).
 
@@ -359,11 +388,62 @@ def features(
       images: uint8 (N, H, W, 3) (or (N, H, W, 1)), any H, W.
       logits_bias: add ``fc.bias`` to the logits (pytorch-fid's ``fc``); the default leaves it
         out, as the original Inception Score code does.
+      resize: ``RESIZE_MODES`` (see :func:`preprocess`).
 
     Returns:
       ``(pool, logits)``: float32 (N, 2048) pool_3 features and (N, 1008) logits.
     """
-    return InceptionV3(logits_bias=logits_bias).apply(variables, preprocess(images))
+    return InceptionV3(logits_bias=logits_bias).apply(variables, preprocess(images, resize))
+
+
+def batched(
+    features_fn: Callable[[Any], tuple[jax.Array, jax.Array]],
+    make_batch: Callable[[int, int], Any],
+    total: int,
+    batch_size: int,
+    *,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The one batching path for Inception features (real images, generated ones, files).
+
+    ``make_batch(start, batch_size)`` returns the inputs of rows ``start, start + 1, ...`` as a
+    full batch of ``batch_size`` rows (the caller pads the last one however suits its source:
+    black images, wrapped indices, extra samples), so ``features_fn`` compiles once; only the
+    first ``total`` rows are kept. One batch is computed while the previous one is copied to
+    host memory.
+
+    Args:
+      features_fn: batch -> ``(pool (B, 2048), logits (B, 1008))`` (e.g. ``features`` with
+        its variables bound, or a sharded version).
+      make_batch: ``(start, batch_size) -> batch``.
+      total: rows to return.
+      batch_size: rows per call.
+      progress: show a tqdm progress bar.
+
+    Returns:
+      numpy float32 ``(pool (total, 2048), logits (total, 1008))``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1.")
+    # Sized from the first batch's outputs, so stand-in feature networks of any width work.
+    out_arrays: list[np.ndarray] = []
+    starts = range(0, total, batch_size)
+    if progress:
+        from tqdm import tqdm  # Local import: only for interactive use.
+
+        starts = tqdm(starts, desc="Inception features", unit="batch")
+    pending: tuple[int, int, jax.Array, jax.Array] | None = None
+    for start in starts:
+        out = (start, min(batch_size, total - start),
+               *features_fn(make_batch(start, batch_size)))
+        if pending is not None:
+            _store(pending, out_arrays, total)
+        pending = out
+    if pending is not None:
+        _store(pending, out_arrays, total)
+    if not out_arrays:
+        return (np.empty((0, NUM_FEATURES), np.float32), np.empty((0, NUM_LOGITS), np.float32))
+    return out_arrays[0], out_arrays[1]
 
 
 def features_batched(
@@ -373,11 +453,10 @@ def features_batched(
     batch_size: int = 100,
     logits_bias: bool = False,
     progress: bool = False,
+    resize: str = "pytorch",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`features` over many images, in fixed-size batches so it compiles once.
-
-    The last batch is padded with black images (their outputs are dropped). One batch is
-    computed while the previous one is copied to host memory.
+    """:func:`features` over many images (``batched``; the last batch padded with black
+    images, whose outputs are dropped).
 
     Args:
       variables: from :func:`load_weights`.
@@ -386,40 +465,32 @@ def features_batched(
       batch_size: images per forward pass.
       logits_bias: see :func:`features`.
       progress: show a tqdm progress bar.
+      resize: see :func:`preprocess`.
 
     Returns:
       numpy float32 ``(pool (N, 2048), logits (N, 1008))``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1.")
-    n = len(images)
-    pool = np.empty((n, NUM_FEATURES), np.float32)
-    logits = np.empty((n, NUM_LOGITS), np.float32)
-    starts = range(0, n, batch_size)
-    if progress:
-        from tqdm import tqdm  # Local import: only for interactive use.
 
-        starts = tqdm(starts, desc="Inception features", unit="batch")
-    pending: tuple[int, int, jax.Array, jax.Array] | None = None
-    for start in starts:
-        batch = np.asarray(images[start : start + batch_size])
-        count = batch.shape[0]
-        if count < batch_size:  # Same shape for every call: one compile.
-            pad = np.zeros((batch_size - count, *batch.shape[1:]), batch.dtype)
+    def make_batch(start: int, size: int) -> np.ndarray:
+        batch = np.asarray(images[start : start + size])
+        if batch.shape[0] < size:  # Same shape for every call: one compile.
+            pad = np.zeros((size - batch.shape[0], *batch.shape[1:]), batch.dtype)
             batch = np.concatenate([batch, pad])
-        out = (start, count, *features(variables, batch, logits_bias=logits_bias))
-        if pending is not None:
-            _store(pending, pool, logits)
-        pending = out
-    if pending is not None:
-        _store(pending, pool, logits)
-    return pool, logits
+        return batch
+
+    return batched(lambda b: features(variables, b, logits_bias=logits_bias, resize=resize),
+                   make_batch, len(images), batch_size, progress=progress)
 
 
-def _store(item: tuple[int, int, jax.Array, jax.Array], pool: np.ndarray, logits: np.ndarray):
-    start, count, p, lg = item
-    pool[start : start + count] = np.asarray(p)[:count]
-    logits[start : start + count] = np.asarray(lg)[:count]
+def _store(item: tuple[int, int, jax.Array, jax.Array], out_arrays: list[np.ndarray],
+           total: int) -> None:
+    """Copies one batch's (pool, logits) rows into ``out_arrays`` (allocated on first use)."""
+    start, count, *batch = item
+    host = [np.asarray(jax.device_get(x)) for x in batch]
+    if not out_arrays:
+        out_arrays.extend(np.empty((total, *x.shape[1:]), np.float32) for x in host)
+    for array, x in zip(out_arrays, host, strict=True):
+        array[start : start + count] = x[:count]
 
 
 # ------------------------------------------------------------------------------------------
@@ -617,6 +688,21 @@ def _cached_weights_path(cache_dir: str | os.PathLike[str] | None) -> pathlib.Pa
     return target
 
 
+def weights_file(
+    path: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> pathlib.Path:
+    """The ``.pth`` file :func:`load_weights` reads for these arguments (downloading it into
+    the cache if needed)."""
+    if path is None:
+        return _cached_weights_path(cache_dir)
+    file = pathlib.Path(path).expanduser()
+    if not file.is_file():
+        why = f"load_weights(path={os.fspath(path)!r}): no such file"
+        raise WeightsUnavailableError(_missing_weights_message(file, why))
+    return file
+
+
 def load_weights(
     path: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -639,13 +725,7 @@ def load_weights(
       ValueError: the file holds a different state dict (first mismatch named).
       torch_weights.UnsafeCheckpointError: the file's pickle references forbidden globals.
     """
-    if path is None:
-        file = _cached_weights_path(cache_dir)
-    else:
-        file = pathlib.Path(path).expanduser()
-        if not file.is_file():
-            why = f"load_weights(path={os.fspath(path)!r}): no such file"
-            raise WeightsUnavailableError(_missing_weights_message(file, why))
+    file = weights_file(path, cache_dir)
     state_dict = torch_weights.load_state_dict(file)
     return state_dict_to_variables(state_dict, source=os.fspath(file))
 

@@ -1,4 +1,4 @@
-"""Layer-wise density distributions: uniform and Erdos-Renyi-Kernel (ERK), SPEC section 3."""
+"""Layer-wise density distributions: uniform and Erdos-Renyi-Kernel (ERK); docs/method.md 3."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def erk_densities(
 
     Solves ``eps * sum_free raw_l N_l + sum_dense N_l = density * sum_l N_l``; while the largest
     free ``eps * raw_l`` exceeds 1, every free layer attaining that maximum is forced dense and
-    ``eps`` is solved again (SPEC section 3).
+    ``eps`` is solved again (docs/method.md section 3).
 
     Args:
       params: parameter pytree (arrays or ``ShapeDtypeStruct``s).

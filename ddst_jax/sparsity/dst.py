@@ -1,6 +1,6 @@
 """Dynamic sparse training: scores, drop-and-grow and resize, all pure and jittable.
 
-Counting rules (SPEC section 4, DESIGN "Public API contract"):
+Counting rules (docs/method.md section 4, DESIGN "Public API contract"):
 - ``drop_and_grow`` drops ``floor(A * f)`` active entries with the lowest drop score and grows the
   same number of entries that were not kept (just-dropped ones included) with the highest grow
   score, so the active count ``A`` of the scope is unchanged. ``A * f`` is evaluated in float32.

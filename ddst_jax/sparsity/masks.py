@@ -24,11 +24,6 @@ PyTree = Any
 KeyPath = tuple[Any, ...]
 MaskablePredicate = Callable[[KeyPath, Any], bool]
 
-#: Module-name fragments whose kernels stay dense by default (SPEC section 1): class embeddings
-#: and BigGAN's dense classifier / projection head.
-DEFAULT_DENSE_MODULE_FRAGMENTS: tuple[str, ...] = ("embed", "projection", "classifier")
-
-
 def key_name(key: Any) -> str:
     """The plain name of one entry of a JAX key path (dict key, attribute or index).
 
@@ -53,24 +48,24 @@ def path_str(path: KeyPath) -> str:
 
 
 def default_is_maskable(path: KeyPath, leaf: Any) -> bool:
-    """SPEC section 1: every conv/dense ``kernel`` (also under spectral norm) is maskable.
+    """docs/method.md section 1: every conv/dense ``kernel`` (also under spectral norm) with at
+    least two dimensions is maskable; nothing else is.
 
-    Biases, normalisation scales/offsets, spectral-norm ``u``/``sigma`` state (which lives in
-    another collection) and embeddings are not; neither is a kernel inside a module whose name
-    contains one of ``DEFAULT_DENSE_MODULE_FRAGMENTS`` (class embeddings, BigGAN's projection or
-    classifier head).
+    Biases, normalisation scales/offsets, embeddings (leaves named ``embedding``) and
+    spectral-norm ``u``/``sigma`` state (another collection) are not. The library knows no
+    model names: a model that keeps some kernels dense (BigGAN's classifier head, say) passes
+    its own predicate (``gan.registry.ModelPair.is_maskable``, or ``maskable_except``).
 
     >>> import numpy as np
     >>> default_is_maskable(('Conv_0', 'kernel'), np.zeros((3, 3, 3, 8)))
     True
     >>> default_is_maskable(('Conv_0', 'bias'), np.zeros((8,)))
     False
+    >>> default_is_maskable(('embed', 'kernel'), np.zeros((4, 8)))  # any name
+    True
     """
     names = [key_name(k) for k in path]
-    if not names or names[-1] != "kernel" or np.ndim(leaf) < 2:
-        return False
-    modules = [n.lower() for n in names[:-1]]
-    return not any(frag in m for m in modules for frag in DEFAULT_DENSE_MODULE_FRAGMENTS)
+    return bool(names) and names[-1] == "kernel" and np.ndim(leaf) >= 2
 
 
 def maskable_except(patterns: Sequence[str]) -> MaskablePredicate:

@@ -1,4 +1,6 @@
-"""What the optimizer sees for masked weights, and its state at regrown positions (SPEC section 4).
+"""What the optimizer sees for masked weights, and its state at regrown positions.
+
+The rules are docs/method.md section 4.
 
 Two policies, for any optax optimizer (via ``optax.tree_utils.tree_map_params``):
 

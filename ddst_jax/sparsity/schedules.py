@@ -14,7 +14,7 @@ def cosine_drop_fraction(
     initial: float = 0.5,
     final: float = 0.005,
 ) -> jax.Array:
-    """f(s) = final + (initial - final) * (1 + cos(pi * s / T)) / 2 (SPEC section 4).
+    """f(s) = final + (initial - final) * (1 + cos(pi * s / T)) / 2 (docs/method.md section 4).
 
     Args:
       step: s, the number of completed G (or D) steps; traced or Python int.

@@ -1,4 +1,4 @@
-"""CIFAR-10 SNGAN (SPEC section 7) with every SPEC default; ADAPT relaxed at d_G = 0.1.
+"""CIFAR-10 SNGAN (docs/method.md section 7) with the paper's settings; ADAPT relaxed, d_G 0.1.
 
 Usage:
   python -m experiments.cifar10 --config=experiments/configs/cifar10.py --workdir=DIR
@@ -83,6 +83,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.balance.eps = 1e-8  # |c - b| below this makes a measurement non-finite (ignored).
 
     c.control = ml_collections.ConfigDict()
+    # D-density controller by registry name (ddst_jax.control.CONTROLLERS, e.g. "proportional");
+    # "": the method's own ("relaxed", "strict", "dda"; "static" for dense/static/sdst).
+    c.control.controller = ""
     # dT_D in iterations; None: the method's default (1000 relaxed, 2000 strict and DDA).
     c.control.d_update_every = config_dict.placeholder(int)
     c.control.band_low = config_dict.placeholder(float)  # B-; None: 0.45 (DDA 0.50).
@@ -90,6 +93,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.control.delta = 0.05  # D density step.
     c.control.d_min = 0.05  # D density floor.
     c.control.d_max = 0.5  # D density cap of the strict setting.
+    c.control.gain = 0.5  # "proportional": density change per unit of BR outside the band.
+    c.control.max_step = 0.1  # "proportional": largest density change per decision.
 
     c.health = ml_collections.ConfigDict()
     # Stop a run whose loss/d and loss/g both stay unchanged this many iterations (0: off).

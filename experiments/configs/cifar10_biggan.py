@@ -1,4 +1,4 @@
-"""CIFAR-10 BigGAN at 32x32 (SPEC section 7): class-conditional, projection D, ADAPT relaxed.
+"""CIFAR-10 BigGAN at 32x32 (docs/method.md 7): class-conditional, projection D, ADAPT relaxed.
 
 Batch 50 / 50, n_dis 4, 200k iterations, Adam 2e-4 with betas (0.0, 0.999), EMA 0.9999.
 Usage: python -m experiments.cifar10_biggan --workdir=DIR [--config=...:smoke]

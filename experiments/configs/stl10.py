@@ -1,4 +1,4 @@
-"""STL-10 SNGAN at 48x48 (SPEC section 7): the unlabelled split resized to 48, ADAPT relaxed.
+"""STL-10 SNGAN at 48x48 (docs/method.md 7): the unlabelled split resized to 48, ADAPT relaxed.
 
 Usage: python -m experiments.stl10 --workdir=DIR [--config=experiments/configs/stl10.py:smoke]
 """

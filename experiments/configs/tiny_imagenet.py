@@ -1,4 +1,4 @@
-"""TinyImageNet BigGAN at 64x64 (SPEC section 7, StudioGAN style), ADAPT relaxed.
+"""TinyImageNet BigGAN at 64x64 (docs/method.md section 7, StudioGAN style), ADAPT relaxed.
 
 The paper leaves n_dis, batch and Adam settings of this benchmark unstated [?]; we use
 StudioGAN's TinyImageNet BigGAN recipe where it is known (n_dis 1, equal G/D batches, Adam
