@@ -1,4 +1,7 @@
-r"""Computes FID reference statistics (TTUR ``.npz``: ``mu``, ``sigma``) of a dataset.
+r"""Computes FID reference statistics of a dataset: TTUR's ``mu`` and ``sigma``, plus the
+protocol they were measured under and a sample of features for KID / PRDC
+(``ddst_jax.scoring``; ``experiments.evaluate --reference=FILE`` reads it and refuses a
+different protocol).
 
 Examples::
 
@@ -9,7 +12,8 @@ Examples::
         --weights=/path/to/pt_inception-2015-12-05-6726825d.pth
 
 Images are read at ``--image_size`` (the generator's resolution: the statistics must describe
-the images the GAN is compared against), then the FID Inception resizes them to 299x299.
+the images the GAN is compared against), then the FID Inception resizes them to 299x299 with
+``--resize`` (pytorch-fid's convention, or ``tf1``: TensorFlow 1's, as the paper's FID).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from ddst_jax import data
+from ddst_jax import data, scoring
 from ddst_jax.metrics import fid, inception
 
 FLAGS = flags.FLAGS
@@ -38,6 +42,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("weights", None, "FID Inception .pth file (default: cache/download).")
     flags.DEFINE_string("cache_dir", None, "Weights cache folder (default ~/.cache/ddst_jax).")
     flags.DEFINE_integer("batch_size", 100, "Images per Inception forward pass.")
+    flags.DEFINE_enum("resize", "pytorch", ["pytorch", "tf1"], "Resize convention to 299.")
+    flags.DEFINE_integer("max_features", 10_000, "Features kept for KID / PRDC (a random "
+                         "sample; 10k x 2048 float32 is 80 MB).")
 
 
 class _SourceImages:
@@ -90,6 +97,18 @@ def compute_reference_statistics(
     )
 
 
+def compute_reference(images: data.ImageSource, variables: inception.Variables, *,
+                      batch_size: int, resize: str, max_features: int, seed: int = 0
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mu, sigma, a random sample of max_features features)`` of all images."""
+    pool, _ = inception.features_batched(variables, _SourceImages(images),
+                                         batch_size=batch_size, progress=True, resize=resize)
+    mu, sigma = fid.feature_statistics(pool)
+    keep = np.random.default_rng(seed).choice(len(pool), min(len(pool), max_features),
+                                              replace=False)
+    return mu, sigma, pool[np.sort(keep)]
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -108,8 +127,13 @@ def main(argv: Sequence[str]) -> None:
     what = FLAGS.path if FLAGS.source == "npz" else f"{FLAGS.dataset}/{FLAGS.split}"
     logging.info("FID statistics of %d images of %s at %dpx", len(images), what, FLAGS.image_size)
     start = time.time()
-    mu, sigma = compute_reference_statistics(images, variables, batch_size=FLAGS.batch_size)
-    fid.save_statistics(FLAGS.output, mu, sigma)
+    mu, sigma, features = compute_reference(images, variables, batch_size=FLAGS.batch_size,
+                                            resize=FLAGS.resize, max_features=FLAGS.max_features)
+    weights = inception.weights_file(FLAGS.weights, cache_dir=FLAGS.cache_dir)
+    protocol = {"resize": FLAGS.resize, "inception_sha256": scoring.file_sha256(weights),
+                "image_size": FLAGS.image_size, "images": len(images), "source": what,
+                **scoring.code_version()}
+    scoring.save_reference(FLAGS.output, mu, sigma, features, protocol)
     logging.info("Wrote %s (%d images, %.0f s).", FLAGS.output, len(images), time.time() - start)
 
 

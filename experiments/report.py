@@ -22,7 +22,7 @@ true``) the report reads:
 
 It prints one table per benchmark and metric: rows = methods, columns = G densities 10/20/30/50%
 (plus any other density run), each cell ``ours (paper, ours - paper)``, '-' where a number is
-missing (the paper numbers are those of ``experiments.paper_results``: Table 1 FID; the SPEC
+missing (the paper numbers are those of ``experiments.paper_results``: Table 1 FID; docs/method.md
 restates no paper IS or FLOPs). The dense run has one number, shown in every column. Runs of
 the same method and density (seeds) are averaged and marked ``n=K``. Unfinished runs are listed
 and left out of the tables and plots.
@@ -55,8 +55,21 @@ METRICS: tuple[tuple[str, str], ...] = (
     ("fid", "FID (best over the run's evaluations; lower is better)"),
     ("is", "Inception Score (at the best-FID evaluation)"),
     ("flops", "Normalised training FLOPs, % of dense (paper convention)"),
+    ("kid", "KID x 1e3 (experiments.evaluate; lower is better)"),
+    ("precision", "Precision (experiments.evaluate, k-NN, Naeem et al. 2020)"),
+    ("recall", "Recall (experiments.evaluate)"),
+    ("density", "Density (experiments.evaluate)"),
+    ("coverage", "Coverage (experiments.evaluate)"),
 )
-_FORMATS = {"fid": "{:.2f}", "is": "{:.2f}", "flops": "{:.2f}"}
+_FORMATS = {"fid": "{:.2f}", "is": "{:.2f}", "flops": "{:.2f}", "kid": "{:.2f}",
+            "precision": "{:.3f}", "recall": "{:.3f}", "density": "{:.3f}",
+            "coverage": "{:.3f}"}
+#: Metrics read from ``experiments.evaluate``'s JSON (``RUN/eval/*.json``), with their scale.
+_EVAL_METRICS = {"kid": 1e3, "precision": 1.0, "recall": 1.0, "density": 1.0,
+                 "coverage": 1.0}
+#: Protocol fields shown when the runs of a report were scored differently.
+_PROTOCOL_FIELDS = ("num_samples", "generator", "bn_mode", "checkpoint", "resize",
+                    "inception_sha256", "reference_sha256")
 
 #: (model.name, data.name) -> benchmark (the entry point ``experiments/<benchmark>.py``).
 MODEL_BENCHMARKS: dict[tuple[str, str], str] = {
@@ -84,9 +97,41 @@ class RunResult:
     flops: float | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     config: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    evaluation: dict[str, Any] | None = None  # the newest experiments.evaluate JSON of the run
+    protocol: dict[str, Any] | None = None  # its protocol, flattened to _PROTOCOL_FIELDS
 
     def value(self, metric: str) -> float | None:
+        if metric in _EVAL_METRICS:
+            if not self.evaluation:
+                return None
+            x = self.evaluation["scores"].get(metric)
+            return None if x is None else float(x) * _EVAL_METRICS[metric]
         return {"fid": self.fid, "is": self.inception_score, "flops": self.flops}[metric]
+
+
+def _evaluation(workdir: str) -> dict[str, Any] | None:
+    """The newest ``experiments.evaluate`` JSON of a run's generator, or None."""
+    folder = os.path.join(workdir, "eval")
+    if not os.path.isdir(folder):
+        return None
+    found = []
+    for name in os.listdir(folder):
+        if name.endswith(".json"):
+            try:
+                result = _read_json(os.path.join(folder, name))
+            except (OSError, ValueError):
+                continue
+            if result and result.get("protocol", {}).get("source") == "generator":
+                found.append((os.path.getmtime(os.path.join(folder, name)), name, result))
+    return max(found)[2] if found else None
+
+
+def _protocol_of(evaluation: dict[str, Any]) -> dict[str, Any]:
+    p = evaluation["protocol"]
+    flat = {k: p.get(k) for k in _PROTOCOL_FIELDS if k in p}
+    flat["inception_sha256"] = (p.get("inception_sha256") or "")[:12]
+    flat["reference_sha256"] = ((p.get("reference") or {}).get("sha256") or "")[:12]
+    return flat
 
 
 # ----------------------------------------------------------------------------- collecting
@@ -202,6 +247,9 @@ def load_run(workdir: str, *, with_flops: bool = True) -> RunResult:
     if not finished:
         return run
     run.fid, run.inception_score = _scores(summary, rows)
+    run.evaluation = _evaluation(workdir)
+    if run.evaluation is not None:
+        run.protocol = _protocol_of(run.evaluation)
     if run.fid is None:
         run.notes.append("no FID evaluation")
     if with_flops:
@@ -238,15 +286,51 @@ def benchmark_tables(benchmark: str, runs: Sequence[RunResult]) -> dict[str, Any
                 group = [r for r in runs if r.method == method
                          and (method == "dense" or abs(r.g_density - d) < 1e-9)]
                 values = [r.value(metric) for r in group if r.value(metric) is not None]
-                ours = float(np.mean(values)) if values else None
+                ours, std, ci = seed_statistics(values)
                 paper = paper_results.paper_value(metric, benchmark, method, d)
                 diff = ours - paper if ours is not None and paper is not None else None
-                cells[_dkey(d)] = {"ours": ours, "paper": paper, "diff": diff,
-                                   "n": len(values), "workdirs": [r.workdir for r in group]}
+                cells[_dkey(d)] = {"ours": ours, "std": std, "ci95": ci, "paper": paper,
+                                   "diff": diff, "n": len(values),
+                                   "workdirs": [r.workdir for r in group]}
             rows.append({"method": method, "name": presets.display_name(method),
                          "cells": cells})
         tables[metric] = rows
     return {"densities": densities, "tables": tables}
+
+
+def seed_statistics(values: Sequence[float]) -> tuple[float | None, float | None,
+                                                     tuple[float, float] | None]:
+    """(mean, sample std, 95% interval of the mean) over seeds; std and interval need n >= 2.
+
+    The interval is Student's t: mean +- t(0.975, n - 1) * std / sqrt(n).
+
+    >>> mean, std, (lo, hi) = seed_statistics([1.0, 2.0, 3.0])
+    >>> mean, std, round(lo, 3), round(hi, 3)
+    (2.0, 1.0, -0.484, 4.484)
+    """
+    if not values:
+        return None, None, None
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return mean, None, None
+    from scipy import stats  # noqa: PLC0415
+
+    std = float(np.std(values, ddof=1))
+    half = float(stats.t.ppf(0.975, len(values) - 1)) * std / math.sqrt(len(values))
+    return mean, std, (mean - half, mean + half)
+
+
+def protocol_table(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """The distinct evaluation protocols of the runs (one row each, with their workdirs); a
+    report whose runs were scored differently shows this table."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        if r.protocol is None:
+            continue
+        key = json.dumps(r.protocol, sort_keys=True)
+        rows.setdefault(key, {"protocol": r.protocol, "workdirs": []})["workdirs"].append(
+            r.workdir)
+    return list(rows.values())
 
 
 def _benchmark_notes(benchmark: str, runs: Sequence[RunResult]) -> list[str]:
@@ -276,8 +360,13 @@ def _fmt(metric: str, x: float | None, signed: bool = False) -> str:
 
 
 def format_cell(metric: str, cell: dict[str, Any]) -> str:
-    """``ours (paper, ours - paper)``, e.g. ``14.00 (14.19, -0.19)``; ``n=K`` for K runs."""
-    ours = _fmt(metric, cell["ours"]) + (f" n={cell['n']}" if cell["n"] > 1 else "")
+    """``ours (paper, ours - paper)``, e.g. ``14.00 (14.19, -0.19)``; over K > 1 seeds
+    ``mean+-std [95% interval] n=K``."""
+    ours = _fmt(metric, cell["ours"])
+    if cell["n"] > 1:
+        lo, hi = cell["ci95"]
+        ours += (f"+-{_fmt(metric, cell['std'])} [{_fmt(metric, lo)}, {_fmt(metric, hi)}]"
+                 f" n={cell['n']}")
     return f"{ours} ({_fmt(metric, cell['paper'])}, {_fmt(metric, cell['diff'], True)})"
 
 
@@ -289,6 +378,8 @@ def format_benchmark(entry: dict[str, Any]) -> str:
     lines += [f"   note: {note}" for note in entry["notes"]]
     for metric, title in METRICS:
         rows = entry["tables"][metric]
+        if metric in _EVAL_METRICS and not any(c["n"] for r in rows for c in r["cells"].values()):
+            continue  # no run of this benchmark was scored with experiments.evaluate
         header = ["method"] + [f"d_G={d:.0%}" for d in densities]
         body = [[row["name"]] + [format_cell(metric, row["cells"][_dkey(d)]) for d in densities]
                 for row in rows]
@@ -297,6 +388,12 @@ def format_benchmark(entry: dict[str, Any]) -> str:
         for r in [header, *body]:
             lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                    for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    protocols = entry.get("protocols", [])
+    if len(protocols) > 1:
+        lines += ["", "The runs were scored under different protocols (experiments.evaluate):"]
+        for row in protocols:
+            shown = ", ".join(f"{k}={v}" for k, v in sorted(row["protocol"].items()))
+            lines.append(f"  {shown}: {len(row['workdirs'])} run(s), e.g. {row['workdirs'][0]}")
     if entry.get("plot"):
         lines += ["", f"BR / D-density curves: {entry['plot']}"]
     return "\n".join(lines)
@@ -375,6 +472,7 @@ def build_report(paths: Sequence[str], out: str | None = "report", *,
                  "title": paper_results.BENCHMARK_TITLES.get(bench, bench),
                  **benchmark_tables(bench, group),
                  "notes": _benchmark_notes(bench, group),
+                 "protocols": protocol_table(group),
                  "runs": [{"workdir": r.workdir, "method": r.method, "g_density": r.g_density,
                            "iteration": r.iteration, "fid": r.fid, "is": r.inception_score,
                            "flops": r.flops} for r in group],

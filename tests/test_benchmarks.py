@@ -206,3 +206,25 @@ def test_stand_in_grads_are_normal_draws_shaped_like_params():
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
     assert grads["a"].shape == (3, 2) and grads["b"]["kernel"].dtype == jnp.bfloat16
     assert not bool(jnp.all(grads["a"] == grads["a"][0, 0]))  # random, not a constant
+
+
+# ----------------------------------------------------------------------------- eval_speed.py
+
+
+def test_eval_speed_metric_rows_and_table():
+    # The Inception rows need a ~1 min compile per resize mode; they run with the script.
+    from benchmarks import eval_speed
+
+    rows = eval_speed.metric_rows(40, dim=16)  # 2048-d sqrtm alone takes ~10 s
+    assert [r["row"] for r in rows] == ["FID (eigh) n=40", "FID (sqrtm) n=40", "KID n=40",
+                                        "PRDC n=40"]
+    # PRDC is O(N^2): its 50k figure is its own time scaled by (50000 / 40)^2.
+    prdc = rows[-1]
+    assert prdc["eval_50k_hours"] == pytest.approx(prdc["seconds"] * 1250**2 / 3600)
+    table = eval_speed.format_table(
+        [{"row": "inception tf1", "seconds": 2.0, "images_per_s": 100.0,
+          "eval_50k_hours": 2 * 50_000 / 100.0 / 3600}] + rows)
+    lines = table.splitlines()
+    assert lines[0].split() == ["row", "median", "s", "images/s", "50k", "eval", "h"]
+    assert lines[1].split() == ["inception", "tf1", "2.00", "100.0", "0.28"]
+    assert len(lines) == 6 and all(line.split()[-2] == "-" for line in lines[2:])

@@ -210,7 +210,7 @@ def test_reference_statistics_of_an_image_source(tmp_path, monkeypatch):
     # The network itself is tested in test_inception.py; here a stand-in "network" whose
     # features are the first 2048 pixel values checks the plumbing: reading the source in
     # batches, padding the last one, dropping the padding, and the statistics.
-    def fake_features(variables, images, *, logits_bias=False):
+    def fake_features(variables, images, *, logits_bias=False, resize="pytorch"):
         flat = images.reshape(images.shape[0], -1)[:, :2048].astype(np.float32)
         return flat, np.zeros((images.shape[0], 1008), np.float32)
 

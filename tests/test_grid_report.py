@@ -262,7 +262,8 @@ def test_report_json(fake_runs, tmp_path, capsys):
     cell = fid["adapt_relaxed"]["0.1"]
     assert cell["ours"] == 14.0 and cell["paper"] == 14.19 and cell["n"] == 1
     assert cell["diff"] == pytest.approx(-0.19)
-    assert fid["adapt_relaxed"]["0.2"] == {"ours": None, "paper": 13.19, "diff": None, "n": 0,
+    assert fid["adapt_relaxed"]["0.2"] == {"ours": None, "std": None, "ci95": None,
+                                           "paper": 13.19, "diff": None, "n": 0,
                                            "workdirs": []}
     assert [u["workdir"] for u in result["unfinished"]] == [runs["unfinished"]]
     assert os.path.exists(benches["stl10"]["plot"])
@@ -291,3 +292,33 @@ def test_paper_numbers_match_the_spec_table():
             densities = [1.0] if preset == "dense" else presets.G_DENSITIES
             assert [paper_results.paper_value("fid", bench, preset, d) for d in densities] == [
                 float(v) for v in values]
+
+
+def _eval_json(workdir, scores, **protocol):
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    result = {"scores": scores, "protocol": {"source": "generator", "num_samples": 50_000,
+                                             "generator": "ema", "bn_mode": "train",
+                                             "checkpoint": "best", "resize": "pytorch",
+                                             "inception_sha256": "ab" * 32,
+                                             "reference": {"sha256": "cd" * 32}, **protocol}}
+    with open(os.path.join(workdir, "eval", "best_ema.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f)
+
+
+def test_report_shows_seed_spread_scored_metrics_and_differing_protocols(tmp_path, capsys):
+    runs = [_fake_run(tmp_path, f"c/adapt_relaxed_g0.1_s{seed}", preset="adapt_relaxed",
+                      g_density=0.1, fid=fid, inception=8.0)
+            for seed, fid in ((0, 14.0), (1, 15.0), (2, 16.0))]
+    for i, run in enumerate(runs):
+        _eval_json(run, {"kid": 0.004 + 0.001 * i, "precision": 0.7, "recall": 0.5,
+                         "density": 0.9, "coverage": 0.6},
+                   resize="tf1" if i == 2 else "pytorch")
+    assert report.main([str(tmp_path), "--out=" + str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    adapt, = _row(text.split("Inception Score")[0], "ADAPT relaxed")
+    # mean +- sample std [95% Student-t interval] over 3 seeds: 15 +- 1, t(0.975, 2) = 4.303.
+    assert "15.00+-1.00 [12.52, 17.48] n=3 (14.19, +0.81)" in adapt
+    kid, = _row(text.split("KID x 1e3")[1].split("Precision")[0], "ADAPT relaxed")
+    assert kid.split()[2].startswith("5.00+-1.00")  # x 1e3
+    assert "The runs were scored under different protocols" in text
+    assert "resize=tf1" in text and "resize=pytorch" in text
