@@ -35,7 +35,8 @@ reads as "D too weak"). The float64 arithmetic runs on the host when the control
 reachable densities form a small table, and the jitted step only indexes it.
 
 ``ProportionalControl`` (``"proportional"``) is the worked example of a new controller: see
-docs/design.md, "Adding a controller".
+docs/design.md, "Adding a controller". ``RelativeBandControl`` (``"relative"``) goes beyond the
+paper: the method's controller with a band measured from the run (docs/method.md section 9).
 """
 
 from __future__ import annotations
@@ -329,11 +330,14 @@ def controller_step(
     window: balance.BRWindow,
     iteration: int | jax.Array,
     control: DensityControl,
+    band: tuple[float | jax.Array, float | jax.Array] | None = None,
 ) -> tuple[ControllerState, Decision]:
     """One controller update after iteration ``iteration`` (1-based); jittable.
 
     Returns the new state and the decision; off decision steps, with a window not yet full, or
     with no finite ratio in the window, the decision is NONE and the state is unchanged.
+    ``band`` replaces ``control``'s (B-, B+) (it may be traced, e.g. measured by the run; a
+    NaN band decides nothing).
 
     >>> c = make_density_control('relaxed', 100, 100, every=10)
     >>> w = balance.push(balance.push(balance.init_window(2), 0.9), 0.7)  # BR 0.8 >= B+
@@ -348,12 +352,15 @@ def controller_step(
               else balance.is_full(window))
     decide = jnp.asarray(is_update_step(iteration, control.every, control.total_iterations))
     if control.reference_levels is not None:
+        if band is not None:
+            raise ValueError("a reference_exact control keeps the paper's fixed band.")
         return _reference_step(state, window, decide & enough, control)
+    band_low, band_high = (control.band_low, control.band_high) if band is None else band
     br = balance.windowed_mean(window)
     decide = decide & enough & jnp.isfinite(br)
     at_cap = count >= control.cap_count
-    too_weak = decide & (br >= control.band_high)
-    too_strong = decide & (br <= control.band_low)
+    too_weak = decide & (br >= band_high)
+    too_strong = decide & (br <= band_low)
     grown = _step_towards(count, control.delta_count, control.cap_count)
     pruned = _step_towards(count, -control.delta_count, control.min_count)
     grow = too_weak & ~at_cap
@@ -428,6 +435,10 @@ class ControlOptions:
     max_step: float = 0.1  # "proportional": largest density change per decision
     reference_exact: bool = False  # the paper code's float arithmetic (paper controllers)
     min_measurements: int = 0  # BR measurements before a decision; 0: a full window
+    ratio_low: float = 0.9  # "relative": B- = ratio_low * BR_ref
+    ratio_high: float = 1.1  # "relative": B+ = ratio_high * BR_ref
+    reference_br: float = 0.0  # "relative": a fixed BR_ref; 0: measured from the run
+    calibration_decisions: int = 1  # "relative": decisions averaged into BR_ref
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,12 +450,15 @@ class ControllerContext:
       total_iterations: the run's length (no decision at its final iteration).
       d_start: D's starting density.
       cap: the method's density cap (1.0 relaxed, d_max strict); None: the controller's own.
+      kind: the method's own controller (``"relaxed"``, ``"strict"``, ``"dda"``, ``"static"``);
+        None: unknown.
     """
 
     n_weights: int
     total_iterations: int
     d_start: float
     cap: float | None = None
+    kind: str | None = None
 
 
 ControllerFactory = Callable[[ControlOptions, ControllerContext], Controller]
@@ -614,3 +628,124 @@ def _proportional(options: ControlOptions, context: ControllerContext) -> Propor
         band_high=float(high), gain=float(options.gain),
         max_step_count=count_for_density(options.max_step, n),
         min_count=count_for_density(options.d_min, n), cap_count=count_for_density(cap, n))
+
+
+# ----------------------------------------------------------------------------- beyond the paper
+
+
+class RelativeBandState(NamedTuple):
+    """State of ``RelativeBandControl`` (a pytree, checkpointed with the run).
+
+    Attributes:
+      count: D's target active count (int32 scalar), as ``ControllerState.count``.
+      level: unused (0); kept so code reading ``ControllerState`` fields works unchanged.
+      reference: BR_ref (float32); NaN while it is still being measured.
+      calibration_sum: sum of the windowed BRs of the calibration decisions so far (float32).
+      calibrated: how many calibration decisions have been taken (int32).
+    """
+
+    count: jax.Array
+    level: jax.Array
+    reference: jax.Array
+    calibration_sum: jax.Array
+    calibrated: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RelativeBandControl:
+    """The paper's controller with a band measured from the run: ``(r-, r+) * BR_ref``.
+
+    BR's scale is not universal: it moves with width, learning rate, batch size, n_dis and
+    the stage of training (README, "What sets BR's scale"), so the paper's band [0.45, 0.55],
+    tuned at full-scale CIFAR-10, can lie far above every BR another setting produces, and
+    ADAPT then prunes D to its floor whatever happens. Here the band is relative: at the
+    first ``calibration_decisions`` decisions (each with a full window and a finite windowed
+    BR) D is not moved and their windowed BRs are averaged into BR_ref, the balance the run
+    has at its starting density (d_D = d_G for ADAPT, Static-Balance's point); from then on
+    ``base`` (the method's own controller: its steps, floor, cap and, in the strict setting,
+    D-DST at the cap) decides with the band ``(ratio_low * BR_ref, ratio_high * BR_ref)``. The
+    paper's band is its centre +-10%, hence the default ratios (0.9, 1.1): hold the balance
+    the run started with, to within 10%.
+
+    ``reference_br > 0`` skips the calibration and fixes BR_ref; ``reference_br=1`` with
+    ratios ``(0.45, 0.55)`` is exactly the paper's controller (tested decision for decision).
+
+    >>> ctx = ControllerContext(1000, 10_000, 0.3, kind="relaxed")
+    >>> c = make_controller("relative", ControlOptions(), ctx)
+    >>> w = balance.push(balance.push(balance.init_window(2), 0.1), 0.1)  # windowed BR 0.1
+    >>> s, d = c.step(c.init(300), w, 1000)       # calibration: BR_ref = 0.1, no move
+    >>> round(float(s.reference), 6), ACTION_NAMES[int(d.action)]
+    (0.1, 'none')
+    >>> w = balance.push(balance.push(w, 0.13), 0.13)  # 0.13 >= 1.1 * BR_ref: D too weak
+    >>> s, d = c.step(s, w, 2000)
+    >>> ACTION_NAMES[int(d.action)], int(d.target_count)
+    ('grow', 350)
+    """
+
+    base: DensityControl
+    ratio_low: float = 0.9
+    ratio_high: float = 1.1
+    reference_br: float = 0.0  # > 0: fixed BR_ref; 0: measured
+    calibration_decisions: int = 1
+
+    @property
+    def every(self) -> int:
+        return self.base.every
+
+    @property
+    def band(self) -> tuple[float, float] | None:
+        """The band when BR_ref is fixed; None when it is measured (it is in the state)."""
+        if self.reference_br > 0:
+            return self.ratio_low * self.reference_br, self.ratio_high * self.reference_br
+        return None
+
+    def init(self, d_count: int | jax.Array) -> RelativeBandState:
+        reference = self.reference_br if self.reference_br > 0 else np.nan
+        return RelativeBandState(
+            count=jnp.asarray(d_count, jnp.int32), level=jnp.zeros((), jnp.int32),
+            reference=jnp.asarray(reference, jnp.float32),
+            calibration_sum=jnp.zeros((), jnp.float32), calibrated=jnp.zeros((), jnp.int32))
+
+    def step(self, state: RelativeBandState, window: balance.BRWindow,
+             iteration: int | jax.Array) -> tuple[RelativeBandState, Decision]:
+        br = balance.windowed_mean(window)
+        decide = jnp.asarray(is_update_step(iteration, self.every, self.base.total_iterations))
+        decide = decide & balance.is_full(window) & jnp.isfinite(br)
+        calibrating = decide & jnp.isnan(state.reference)
+        total = state.calibration_sum + jnp.where(calibrating, br, 0.0)
+        calibrated = state.calibrated + calibrating.astype(jnp.int32)
+        done = calibrating & (calibrated >= self.calibration_decisions)
+        reference = jnp.where(done, total / calibrated.astype(jnp.float32), state.reference)
+        # A calibration decision never moves D (the band is NaN until BR_ref exists, so the
+        # comparisons inside controller_step are False; the where below also covers the last
+        # calibration decision, where BR_ref was just set).
+        band = (self.ratio_low * state.reference, self.ratio_high * state.reference)
+        inner, decision = controller_step(ControllerState(state.count), window, iteration,
+                                          self.base, band=band)
+        count = jnp.where(calibrating, state.count, inner.count).astype(jnp.int32)
+        action = jnp.where(calibrating, NONE, decision.action).astype(jnp.int32)
+        new_state = RelativeBandState(count, state.level, reference.astype(jnp.float32),
+                                      total.astype(jnp.float32), calibrated.astype(jnp.int32))
+        return new_state, Decision(action, count)
+
+
+@register("relative")
+def _relative(options: ControlOptions, context: ControllerContext) -> RelativeBandControl:
+    """The method's controller (relaxed, strict or dda) with a relative band."""
+    if not 0 < options.ratio_low < options.ratio_high:
+        raise ValueError("relative control needs 0 < ratio_low < ratio_high, got "
+                         f"({options.ratio_low}, {options.ratio_high}).")
+    if options.reference_br < 0 or not math.isfinite(options.reference_br):
+        raise ValueError(f"reference_br must be >= 0 (0: measure it), got "
+                         f"{options.reference_br}.")
+    if options.calibration_decisions < 1:
+        raise ValueError("calibration_decisions must be >= 1, got "
+                         f"{options.calibration_decisions}.")
+    if options.reference_exact:
+        raise ValueError("the relative band has no reference_exact form; use "
+                         "reference_mode='fixed'.")
+    kind = context.kind if context.kind in ("relaxed", "strict", "dda") else "relaxed"
+    base = _paper_controller(kind)(dataclasses.replace(options, band_low=None, band_high=None),
+                                   context)
+    return RelativeBandControl(base, float(options.ratio_low), float(options.ratio_high),
+                               float(options.reference_br), int(options.calibration_decisions))

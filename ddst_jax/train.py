@@ -98,7 +98,7 @@ def _validate_control(config: ml_collections.ConfigDict, spec: MethodSpec) -> No
     try:
         control.make_controller(name, control_options(config), control.ControllerContext(
             n_weights=10_000, total_iterations=int(config.train.iterations),
-            d_start=spec.d_density, cap=spec.d_cap))
+            d_start=spec.d_density, cap=spec.d_cap, kind=spec.d_control))
     except ValueError as e:
         raise ValueError(f"config.control: {e}") from None
 
@@ -208,7 +208,13 @@ def control_options(config: ml_collections.ConfigDict) -> control.ControlOptions
         controller=c.get("controller") or None, every=c.d_update_every, band_low=c.band_low,
         band_high=c.band_high, delta=c.delta, d_min=c.d_min, d_max=c.d_max,
         gain=c.get("gain", control.ControlOptions.gain),
-        max_step=c.get("max_step", control.ControlOptions.max_step), reference_exact=exact,
+        max_step=c.get("max_step", control.ControlOptions.max_step),
+        ratio_low=c.get("ratio_low", control.ControlOptions.ratio_low),
+        ratio_high=c.get("ratio_high", control.ControlOptions.ratio_high),
+        reference_br=c.get("reference_br", control.ControlOptions.reference_br),
+        calibration_decisions=c.get("calibration_decisions",
+                                    control.ControlOptions.calibration_decisions),
+        reference_exact=exact,
         min_measurements=balance.window_size(b.window, b.br_every) if exact else 0)
 
 
@@ -703,6 +709,9 @@ def _summary(config, spec, setup, state, last: Mapping[str, float], iteration: i
         "finished": iteration >= total and not stopped,
         "final": dict(last),
         "d_count": int(state.controller.count),
+        # The controller's whole state (e.g. the relative band's measured BR_ref).
+        "controller": ({k: np.asarray(v).tolist() for k, v in state.controller._asdict().items()}
+                       if hasattr(state.controller, "_asdict") else None),
         "d_maskable": setup_lib.d_maskable_count(setup.model),
         "g_density": float(sp.density(state.g_masks, is_maskable=setup.model.is_maskable)),
         "d_density": float(sp.density(state.d_masks, is_maskable=setup.model.is_maskable)),

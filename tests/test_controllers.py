@@ -56,7 +56,7 @@ def test_proportional_decides_only_on_schedule_with_a_full_window_and_clips():
 
 
 def test_controllers_are_jittable_and_hashable_static_config():
-    for name in ("relaxed", "strict", "dda", "proportional"):
+    for name in ("relaxed", "strict", "dda", "proportional", "relative"):
         c = control.make_controller(name, control.ControlOptions(),
                                     control.ControllerContext(N, 10_000, d_start=0.3, cap=None))
         hash(c)  # closed over by jit as static configuration
@@ -190,3 +190,102 @@ def test_the_design_docs_controller_example_runs():
         assert int(d.action) == control.NONE
     finally:
         control.CONTROLLERS.pop("halve_when_strong", None)
+
+
+# ----------------------------------------------------------------------------- "relative"
+
+
+def _relative(kind: str = "relaxed", d_start: float = 0.3,
+              **options) -> control.RelativeBandControl:
+    return control.make_controller("relative", control.ControlOptions(**options),
+                                   control.ControllerContext(N, 10_000, d_start, kind=kind))
+
+
+def test_relative_band_calibrates_then_holds_the_measured_balance():
+    c = _relative(calibration_decisions=2)
+    s = c.init(300)
+    assert np.isnan(float(s.reference)) and c.band is None
+    # Two calibration decisions (windowed BR 0.04 and 0.06): no move, BR_ref = 0.05.
+    for t, br in ((1000, 0.04), (2000, 0.06)):
+        s, d = c.step(s, _window(br), t)
+        assert int(d.action) == control.NONE and int(s.count) == 300
+    assert float(s.reference) == pytest.approx(0.05)
+    assert int(s.calibrated) == 2
+    # Band (0.045, 0.055): the paper's rules around it, steps of 0.05 * N = 50 weights.
+    for br, action, count in ((0.06, "grow", 350), (0.05, "none", 300), (0.044, "prune", 250),
+                              (0.5, "grow", 350)):
+        s2, d = c.step(s, _window(br), 3000)
+        assert (control.ACTION_NAMES[int(d.action)], int(s2.count)) == (action, count), br
+    # Off schedule, a window not yet full or no finite BR: nothing, and no calibration either.
+    fresh = c.init(300)
+    for t, window in ((999, _window(0.1)), (1000, balance.push(balance.init_window(2), 0.1)),
+                      (1000, _window(float("nan")))):
+        s3, d = c.step(fresh, window, t)
+        assert int(d.action) == control.NONE and int(s3.calibrated) == 0
+
+
+@pytest.mark.parametrize("kind", ["relaxed", "strict", "dda"])
+def test_relative_band_with_a_fixed_reference_is_the_paper_controller(kind):
+    # reference_br = 1 makes the ratios the band itself: decision for decision the same as
+    # the method's own controller, along a random walk of windowed BRs.
+    low, high = {"dda": (0.50, 0.65)}.get(kind, (0.45, 0.55))
+    ctx = control.ControllerContext(N, 200_000, 0.3, kind=kind,
+                                    cap=0.5 if kind == "strict" else 1.0)
+    paper = control.make_controller(kind, control.ControlOptions(), ctx)
+    relative = control.make_controller("relative", control.ControlOptions(
+        ratio_low=low, ratio_high=high, reference_br=1.0), ctx)
+    assert relative.band == (low, high) and relative.every == paper.every
+    rng = np.random.default_rng(0)
+    s_p, s_r = paper.init(300), relative.init(300)
+    step_p, step_r = jax.jit(paper.step), jax.jit(relative.step)
+    actions = set()
+    # Every value (on, inside and outside both bands) four times, in a random order.
+    values = rng.permutation(np.repeat([0.2, 0.44, 0.45, 0.5, 0.55, 0.56, 0.64, 0.65, 0.9], 4))
+    for i, br in enumerate(values, start=1):
+        window = _window(float(br))
+        s_p, d_p = step_p(s_p, window, jnp.asarray(i * paper.every))
+        s_r, d_r = step_r(s_r, window, jnp.asarray(i * paper.every))
+        assert (int(d_p.action), int(d_p.target_count)) == (int(d_r.action),
+                                                            int(d_r.target_count)), i
+        actions.add(control.ACTION_NAMES[int(d_p.action)])
+    assert {"grow", "prune", "none"} <= actions
+    if kind == "strict":
+        assert "dst" in actions  # the strict setting's D-DST at the cap goes through too
+
+
+def test_relative_band_state_is_a_resumable_pytree():
+    c = _relative()
+    s, _ = c.step(c.init(300), _window(0.08), 1000)
+    leaves, treedef = jax.tree_util.tree_flatten(s)
+    restored = jax.tree_util.tree_unflatten(treedef, [np.asarray(x) for x in leaves])
+    # A run resumed from a checkpoint makes the same next decision as one that never stopped.
+    a = c.step(s, _window(0.2), 2000)
+    b = c.step(restored, _window(0.2), 2000)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+        lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)), a, b))
+
+
+def test_relative_band_refuses_bad_options_by_name():
+    with pytest.raises(ValueError, match="0 < ratio_low < ratio_high"):
+        _relative(ratio_low=1.2, ratio_high=1.1)
+    with pytest.raises(ValueError, match="reference_br must be >= 0"):
+        _relative(reference_br=-1.0)
+    with pytest.raises(ValueError, match="calibration_decisions must be >= 1"):
+        _relative(calibration_decisions=0)
+    with pytest.raises(ValueError, match="config.control: relative control needs"):
+        train.validate_config(tiny_config(**{"sparsity.method": "adapt",
+                                             "control.controller": "relative",
+                                             "control.ratio_low": 2.0}))
+
+
+def test_relative_band_in_the_runner_calibrates_and_resumes(tmp_path):
+    # Decisions every 2 iterations of 8: calibration at 2, then the band (0.9, 1.1) x BR_ref.
+    config = tiny_config(**{"sparsity.method": "adapt", "control.controller": "relative"})
+    config.train.iterations = 4
+    train.train_and_evaluate(config, str(tmp_path))
+    config.train.iterations = 8
+    summary = train.train_and_evaluate(config, str(tmp_path), allow_changes=("train.iterations",))
+    rows = read_jsonl(tmp_path / "density_log.jsonl")
+    assert [r["iteration"] for r in rows][:2] == [0, 2]
+    assert sum(rows[1]["d_counts"]) == sum(rows[0]["d_counts"])  # calibration: no move
+    assert np.isfinite(summary["controller"]["reference"])

@@ -185,6 +185,6 @@ def build_setup(model: Any, train: TrainSpec, sparsity: SparsitySpec,
                          f"(adapt or dda), not {method.name!r}.")
     context = control.ControllerContext(
         n_weights=d_maskable_count(model), total_iterations=train.total_iterations,
-        d_start=method.d_density, cap=method.d_cap)
+        d_start=method.d_density, cap=method.d_cap, kind=method.d_control)
     controller = control.make_controller(name, control_options, context)
     return GanSetup(model, train, sparsity, balance_spec, controller)
