@@ -35,12 +35,14 @@ from ddst_jax.gan import steps
 from ddst_jax.gan.methods import MethodSpec, resolve_method
 
 DATASETS = ("ring", "grid")
-#: The four compared methods (relaxed setting): name -> ``resolve_method`` arguments.
+#: The compared methods (relaxed setting): name -> ``resolve_method`` arguments (and, for
+#: ``adapt_relative``, the registered controller that replaces the method's own).
 METHODS: dict[str, dict[str, str]] = {
     "dense": {"method": "dense"},
     "static_balance": {"method": "static", "d_mode": "balance"},
     "sdst_strong": {"method": "sdst", "d_mode": "strong"},
     "adapt": {"method": "adapt", "setting": "relaxed"},
+    "adapt_relative": {"method": "adapt", "setting": "relaxed", "controller": "relative"},
 }
 #: Per-iteration scalars kept from ``train_iteration``'s metrics (curves, tests).
 CURVE_KEYS = ("loss/d", "loss/g", "br/ratio", "br/windowed", "density/g", "density/d",
@@ -203,7 +205,8 @@ def method_spec(method: str, g_density: float) -> MethodSpec:
     """
     if method not in METHODS:
         raise ValueError(f"Unknown toy method {method!r}; use one of {tuple(METHODS)}.")
-    return resolve_method(g_density=g_density, **METHODS[method])
+    return resolve_method(g_density=g_density,
+                          **{k: v for k, v in METHODS[method].items() if k != "controller"})
 
 
 @functools.cache
@@ -237,7 +240,8 @@ def build_setup(config: ToyConfig, method: str) -> setup_lib.GanSetup:
                                drop_fraction_final=config.drop_fraction_final),
         setup_lib.BalanceSpec(every=config.br_every,
                               window=balance.window_size(config.br_window, config.br_every)),
-        control.ControlOptions(every=config.d_update_every, band_low=config.band[0],
+        control.ControlOptions(controller=METHODS[method].get("controller"),
+                               every=config.d_update_every, band_low=config.band[0],
                                band_high=config.band[1], delta=config.delta,
                                d_min=config.d_min))
 

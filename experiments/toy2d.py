@@ -2,12 +2,14 @@ r"""2-D balance benchmark on a CPU: ``python -m experiments.toy2d [--json] [--wo
 
 Trains sparse MLP GANs on a ring of 8 Gaussians (``--dataset=grid``: a 5x5 grid) with the image
 runs' iteration (``ddst_jax.gan.steps.train_iteration``: ERK masks, G RigL drop-and-grow, the BR
-window, ADAPT's D-density control) for four methods at one G density, over several seeds:
+window, ADAPT's D-density control) for five methods at one G density, over several seeds:
 
 - ``dense``: no masks;
 - ``static_balance``: G and D masks fixed, d_D = d_G;
 - ``sdst_strong``: G dynamic, D dense (relaxed setting);
-- ``adapt``: G dynamic, D starts at d_G and is moved by BR (relaxed setting).
+- ``adapt``: G dynamic, D starts at d_G and is moved by BR (relaxed setting, the paper's band);
+- ``adapt_relative``: ``adapt`` with the band measured from the run (``control`` "relative":
+  0.9 and 1.1 times the windowed BR of the first decision; docs/method.md section 9).
 
 Prints a markdown table (mean +- std over seeds) of: modes covered, share of high-quality
 samples (within 3 std of a mode centre), final windowed BR, the median BR measurement of the
@@ -18,7 +20,7 @@ means, stds, the configuration). ``--json`` also prints, as the last line of std
 
     {"<method>": {"modes_covered": ..., "high_quality": ..., "br": ..., "d_density": ...}, ...}
 
-with means over seeds (a non-finite mean is ``null``). The default (ring, 4 methods, 3 seeds,
+with means over seeds (a non-finite mean is ``null``). The default (ring, 5 methods, 3 seeds,
 2000 iterations) takes about 2 minutes on a 2-core CPU; run ``--dataset=grid`` separately.
 """
 

@@ -168,7 +168,7 @@ def test_run_reports_the_four_numbers():
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_cli_json_runs_all_four_methods(tmp_path):
+def test_cli_json_runs_every_method(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0",
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
