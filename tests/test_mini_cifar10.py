@@ -1,0 +1,124 @@
+"""The real-image CPU benchmark (experiments/mini_cifar10.py): its configs, its real-image
+sets, its table, and one tiny end-to-end run of the CLI with the JSON line it promises."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ddst_jax import train
+from experiments import mini_cifar10 as mini
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _npz(path, n_train=40, n_test=12):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n_train + n_test, 32, 32, 3), dtype=np.uint8)
+    np.savez(path, train_images=images[:n_train], test_images=images[n_train:])
+    return images[:n_train], images[n_train:]
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_every_method_is_a_valid_runner_config_with_the_schedules_inside_the_run(quick):
+    settings = mini.scale_settings(quick)
+    for method in mini.METHODS:
+        config = mini.make_config(method, 0, settings, g_density=0.1, lr=2e-4,
+                                  data_path="x.npz")
+        spec = train.validate_config(config)
+        assert config.train.iterations == settings["iterations"]
+        assert config.eval.every == 0 and config.data.source == "npz"
+        # ADAPT decides several times within the run; G's masks change several times.
+        assert settings["iterations"] // config.control.d_update_every >= 5
+        assert settings["iterations"] // config.sparsity.g_update_every >= 5
+        assert spec.g_dynamic == (method in ("sdst_strong_rigl", "adapt", "adapt_relative"))
+    assert mini.make_config("adapt_relative", 0, settings, g_density=0.1, lr=2e-4,
+                            data_path="x").control.controller == "relative"
+    with pytest.raises(ValueError, match="--width must be positive"):
+        mini.scale_settings(quick, width=0)
+
+
+def test_real_sets_are_disjoint_and_fall_back_to_a_split_of_the_train_images(tmp_path):
+    train_images, test_images = _npz(tmp_path / "d.npz")
+    reference, sample = mini.real_sets(str(tmp_path / "d.npz"), 10)
+    assert reference.shape == sample.shape == (10, 32, 32, 3)
+    flat = {r.tobytes() for r in test_images}
+    assert all(r.tobytes() in flat for r in reference)  # the held-out split
+    assert not {r.tobytes() for r in sample} & flat  # training images only
+    # More images asked than the test split has: halves of the training images.
+    reference, sample = mini.real_sets(str(tmp_path / "d.npz"), 15)
+    assert not {r.tobytes() for r in reference} & {r.tobytes() for r in sample}
+    with pytest.raises(ValueError, match="needs 60 real images"):
+        mini.real_sets(str(tmp_path / "d.npz"), 30)
+
+
+def test_table_shows_mean_std_and_n_and_dashes_for_missing_values():
+    runs = [{"seed": 0, "swd": 10.0, "br": 0.1, "d_density": 0.1},
+            {"seed": 1, "swd": 14.0, "br": 0.3, "d_density": 0.2}]
+    summaries = {"adapt": mini.summarise(runs),
+                 "real": mini.summarise([{"seed": 0, "swd": 2.0}])}
+    assert summaries["adapt"]["mean"]["swd"] == 12.0 and summaries["adapt"]["std"]["swd"] == 2.0
+    lines = mini.markdown_table(summaries).splitlines()
+    assert lines[2].startswith("| adapt | 2 | 12.00 +- 2.00 | - | - | 0.200 +- 0.100 |")
+    assert lines[3] == "| real | 1 | 2.00 +- 0.00 | - | - | - | - |"
+
+
+def test_cli_runs_end_to_end_and_prints_the_json_line(tmp_path):
+    _npz(tmp_path / "d.npz", n_train=64, n_test=16)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.mini_cifar10", "--quick", "--json",
+         f"--workdir={tmp_path / 'runs'}", f"--data={tmp_path / 'd.npz'}",
+         "--methods=adapt_relative", "--width=4", "--iterations=12", "--num_eval=16"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    means = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(means) == {"adapt_relative", "real"}
+    assert set(means["adapt_relative"]) == set(mini.METRIC_KEYS)
+    assert means["real"]["swd"] > 0 and means["adapt_relative"]["swd"] > means["real"]["swd"]
+    written = set(os.listdir(tmp_path / "runs"))
+    assert {"results.json", "curves.png", "samples_adapt_relative.png",
+            "adapt_relative_seed0"} <= written
+    # The image runner's relative band measured BR_ref and kept it in the controller state.
+    with open(tmp_path / "runs" / "adapt_relative_seed0" / "summary.json") as f:
+        controller = json.load(f)["controller"]
+    assert controller["calibrated"] == 1 and math.isfinite(controller["reference"])
+
+
+def test_bad_flags_end_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.mini_cifar10", "--quick", "--methods=adapt,nope",
+         f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+        check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --methods: unknown ['nope']")
+    assert "Traceback" not in proc.stderr
+
+
+def test_br_scaling_variants_change_one_factor_and_quarters_skip_unfilled_windows():
+    from experiments import br_scaling
+
+    base = br_scaling.variant_config("base (d_D 0.1, width 16, lr 2e-4, n_dis 5)", 1000, 200,
+                                     "x.npz", 0)
+    for name, change in br_scaling.VARIANTS.items():
+        c = br_scaling.variant_config(name, 1000, 200, "x.npz", 0)
+        spec = train.validate_config(c)
+        # G dynamic at d_G 0.1 and D static at the variant's density: no controller moves BR.
+        assert spec.g_dynamic and spec.d_control == "static" and spec.g_density == 0.1
+        assert spec.d_density == change.get("d_density", 0.1)
+        differs = {k for k, (a, b) in {
+            "width": (c.model.d_ch, base.model.d_ch), "lr": (c.train.lr_d, base.train.lr_d),
+            "n_dis": (c.train.n_dis, base.train.n_dis),
+            "d_density": (c.sparsity.d_density, base.sparsity.d_density)}.items() if a != b}
+        assert differs == set(change), name
+    steps, values = np.arange(10, 110, 10), np.arange(10.0)
+    # Window 30: quarter 1 (iterations 1-25) has no full window; the others average theirs.
+    np.testing.assert_equal(br_scaling.quarter_means(steps, values, 30, 100),
+                            [np.nan, 3.0, 5.5, 8.0])
