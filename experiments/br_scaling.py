@@ -35,7 +35,7 @@ from experiments import mini_cifar10 as mini
 #: Base setting and the one-factor-at-a-time variants: name -> overrides of the base.
 BASE = {"d_density": 0.1, "width": 16, "lr": 2e-4, "n_dis": 5}
 VARIANTS: dict[str, dict[str, float]] = {
-    "base (d_D 0.1, width 16, lr 2e-4, n_dis 5)": {},
+    "base": {},  # d_D 0.1, width 16, lr 2e-4, n_dis 5
     "d_D 0.05": {"d_density": 0.05},
     "d_D 0.3": {"d_density": 0.3},
     "d_D 1.0": {"d_density": 1.0},

@@ -105,7 +105,7 @@ def test_bad_flags_end_in_one_line(tmp_path):
 def test_br_scaling_variants_change_one_factor_and_quarters_skip_unfilled_windows():
     from experiments import br_scaling
 
-    base = br_scaling.variant_config("base (d_D 0.1, width 16, lr 2e-4, n_dis 5)", 1000, 200,
+    base = br_scaling.variant_config("base", 1000, 200,
                                      "x.npz", 0)
     for name, change in br_scaling.VARIANTS.items():
         c = br_scaling.variant_config(name, 1000, 200, "x.npz", 0)
