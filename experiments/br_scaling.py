@@ -114,7 +114,12 @@ def main(argv: Sequence[str]) -> None:
     for i, name in enumerate(FLAGS.variants):
         config = variant_config(name, FLAGS.iterations, FLAGS.window, FLAGS.data, FLAGS.seed)
         workdir = os.path.join(FLAGS.workdir, f"variant{VARIANTS_INDEX[name]}")
-        train.train_and_evaluate(config, workdir)
+        summary = train.train_and_evaluate(config, workdir)
+        if not summary.get("finished", False):
+            # A stop (Ctrl-C, SIGTERM) ends the study; the run resumes on the next call.
+            print(f"stopped in {workdir}; re-run the same command to resume the study.",
+                  file=sys.stderr)
+            sys.exit(1)
         rows = reporting.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
         steps, br = reporting.scalar_series(rows, "br/windowed")
         results[name] = quarter_means(steps, br, FLAGS.window, FLAGS.iterations)
