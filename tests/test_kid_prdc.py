@@ -255,3 +255,14 @@ def test_prdc_rejects_bad_inputs():
         prdc(x, np.ones((5, 3)), k=1)
     with pytest.raises(ValueError, match="chunk"):
         prdc(np.arange(10.0)[:, None], np.arange(10.0)[:, None], k=1, chunk=0)
+
+
+@pytest.mark.parametrize("n,d", [(100, 4), (300, 64)])
+def test_prdc_of_a_set_against_its_copy_is_exactly_one_whatever_the_rounding(n, d):
+    # Radii (real vs real) and memberships (real vs fake) must round alike: numpy's x @ x.T on
+    # one buffer rounds differently from a product of two buffers, which once gave density > 1.
+    for seed in range(8):
+        real = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+        for k in (3, 5):
+            assert prdc(real, real.copy(), k=k) == {
+                "precision": 1.0, "recall": 1.0, "density": 1.0, "coverage": 1.0}

@@ -166,9 +166,14 @@ def _sq_distance_blocks(
         raise ValueError(f"chunk must be >= 1, got {chunk}.")
     a_sq = np.einsum("ij,ij->i", a, a)
     b_sq = np.einsum("ij,ij->i", b, b)
+    # A private copy of b.T: numpy computes ``x @ x.T`` on one buffer with a symmetric
+    # rank-k update, whose rounding differs from the general product used for two buffers.
+    # PRDC compares real-real radii with real-fake distances, so both must round alike
+    # (else a fake set identical to the real one gets a density above 1).
+    b_t = np.array(b.T, order="C")
     for start in range(0, a.shape[0], chunk):
         stop = min(start + chunk, a.shape[0])
-        sq = a[start:stop] @ b.T
+        sq = a[start:stop] @ b_t
         sq *= -2.0
         sq += a_sq[start:stop, None]
         sq += b_sq[None, :]

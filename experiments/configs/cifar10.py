@@ -95,13 +95,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.control.d_max = 0.5  # D density cap of the strict setting.
     c.control.gain = 0.5  # "proportional": density change per unit of BR outside the band.
     c.control.max_step = 0.1  # "proportional": largest density change per decision.
-    # "relative": the band is (ratio_low, ratio_high) x BR_ref, BR_ref the mean windowed BR of
-    # the first calibration_decisions decisions (D does not move at them), or reference_br if
-    # > 0 (reference_br=1 with ratios 0.45/0.55 is the paper's band).
-    c.control.ratio_low = 0.9
-    c.control.ratio_high = 1.1
-    c.control.reference_br = 0.0
-    c.control.calibration_decisions = 1
+    # "relative" (docs/method.md section 9): the band is (ratio_low, ratio_high) x BR_ref.
+    c.control.ratio_low = 0.9  # "relative": B- = ratio_low x BR_ref.
+    c.control.ratio_high = 1.1  # "relative": B+ = ratio_high x BR_ref.
+    c.control.reference_br = 0.0  # "relative": fixed BR_ref if > 0 (1 with 0.45/0.55: paper).
+    c.control.calibration_decisions = 1  # "relative": decisions whose mean BR is BR_ref.
 
     c.health = ml_collections.ConfigDict()
     # Stop a run whose loss/d and loss/g both stay unchanged this many iterations (0: off).
