@@ -23,13 +23,13 @@ sample size. With ``--inception_weights`` FID and KID are reported beside it.
 
 Why these sizes (the default): width 16 for G and D (1/16 and 1/8 of the paper's 256 / 128),
 batches 32 (G) / 16 (D), n_dis 5, lr 2e-4, 1,000 iterations, 3 seeds. On the 2-core
-development CPU this SNGAN trains at ~5.6 it/s (width 32: ~2.8), so a run costs ~3 minutes of
-training plus ~25 s of compile (shared by a method's seeds through the compilation cache) and
-~15 s of sampling and scoring: 6 methods x 3 seeds take about an hour. The schedules keep the
-paper's shape at this length: dT_G 100 (10 G updates), dT_D 100 (9 ADAPT decisions), a BR
-window of 100 iterations measured every 5 (20 ratios). ``--quick`` (width 8, 250 iterations,
-dT_G = dT_D = 50, 1 seed, 500 images scored) runs in ~8 minutes: it checks that
-everything works, not which method wins.
+development CPU a run took 263-302 s measured alone (training at ~4-5.6 it/s; width 32 would
+run at ~2.8), compile (~25 s, shared by a method's seeds through the compilation cache),
+sampling and scoring included: 6 methods x 3 seeds take ~80 minutes (``--seeds=2``: ~55). The
+schedules keep the paper's shape at this length: dT_G 100 (10 G updates), dT_D 100 (9 ADAPT
+decisions), a BR window of 100 iterations measured every 5 (20 ratios). ``--quick`` (width 8,
+250 iterations, dT_G = dT_D = 50, 1 seed, 500 images scored) runs in ~8-9 minutes: it checks
+that everything works, not which method wins.
 
 Writes into ``--workdir`` (default ``/tmp/ddst_mini_cifar10``): one run directory per method and
 seed, ``results.json`` (per-seed values, means, stds, configuration), ``curves.png`` (windowed
