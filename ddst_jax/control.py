@@ -638,14 +638,12 @@ class RelativeBandState(NamedTuple):
 
     Attributes:
       count: D's target active count (int32 scalar), as ``ControllerState.count``.
-      level: unused (0); kept so code reading ``ControllerState`` fields works unchanged.
       reference: BR_ref (float32); NaN while it is still being measured.
       calibration_sum: sum of the windowed BRs of the calibration decisions so far (float32).
       calibrated: how many calibration decisions have been taken (int32).
     """
 
     count: jax.Array
-    level: jax.Array
     reference: jax.Array
     calibration_sum: jax.Array
     calibrated: jax.Array
@@ -702,7 +700,7 @@ class RelativeBandControl:
     def init(self, d_count: int | jax.Array) -> RelativeBandState:
         reference = self.reference_br if self.reference_br > 0 else np.nan
         return RelativeBandState(
-            count=jnp.asarray(d_count, jnp.int32), level=jnp.zeros((), jnp.int32),
+            count=jnp.asarray(d_count, jnp.int32),
             reference=jnp.asarray(reference, jnp.float32),
             calibration_sum=jnp.zeros((), jnp.float32), calibrated=jnp.zeros((), jnp.int32))
 
@@ -724,7 +722,7 @@ class RelativeBandControl:
                                           self.base, band=band)
         count = jnp.where(calibrating, state.count, inner.count).astype(jnp.int32)
         action = jnp.where(calibrating, NONE, decision.action).astype(jnp.int32)
-        new_state = RelativeBandState(count, state.level, reference.astype(jnp.float32),
+        new_state = RelativeBandState(count, reference.astype(jnp.float32),
                                       total.astype(jnp.float32), calibrated.astype(jnp.int32))
         return new_state, Decision(action, count)
 

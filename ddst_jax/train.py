@@ -204,16 +204,14 @@ def control_options(config: ml_collections.ConfigDict) -> control.ControlOptions
     """``config.control`` (and the reference mode) as ``control.ControlOptions``."""
     c, b = config.control, config.balance
     exact = config.get("reference_mode", "fixed") == "exact"
+    # Fields of the optional controllers: configs written before they existed (a resumed
+    # run's config.json) lack them, so they fall back to ControlOptions' defaults.
+    optional = {name: c.get(name, getattr(control.ControlOptions, name))
+                for name in ("gain", "max_step", "ratio_low", "ratio_high", "reference_br",
+                             "calibration_decisions")}
     return control.ControlOptions(
         controller=c.get("controller") or None, every=c.d_update_every, band_low=c.band_low,
-        band_high=c.band_high, delta=c.delta, d_min=c.d_min, d_max=c.d_max,
-        gain=c.get("gain", control.ControlOptions.gain),
-        max_step=c.get("max_step", control.ControlOptions.max_step),
-        ratio_low=c.get("ratio_low", control.ControlOptions.ratio_low),
-        ratio_high=c.get("ratio_high", control.ControlOptions.ratio_high),
-        reference_br=c.get("reference_br", control.ControlOptions.reference_br),
-        calibration_decisions=c.get("calibration_decisions",
-                                    control.ControlOptions.calibration_decisions),
+        band_high=c.band_high, delta=c.delta, d_min=c.d_min, d_max=c.d_max, **optional,
         reference_exact=exact,
         min_measurements=balance.window_size(b.window, b.br_every) if exact else 0)
 
