@@ -155,7 +155,7 @@ def real_sets(data_path: str, num_eval: int, seed: int = 0) -> tuple[np.ndarray,
         from ddst_jax import data
 
         c = data.default_config()
-        train = data.load_source(c)
+        train = data.load_source(c, seed=seed)
         images, _ = train.read(np.arange(len(train)))
         held_out = None
     else:

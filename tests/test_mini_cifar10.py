@@ -58,6 +58,33 @@ def test_real_sets_are_disjoint_and_fall_back_to_a_split_of_the_train_images(tmp
         mini.real_sets(str(tmp_path / "d.npz"), 30)
 
 
+def test_real_sets_from_tfds_split_the_train_split_in_halves(monkeypatch):
+    from ddst_jax import data
+
+    images = np.arange(40, dtype=np.uint8)[:, None, None, None] * np.ones((1, 32, 32, 3),
+                                                                          np.uint8)
+
+    class Source:  # the ImageSource protocol over 40 distinct images
+        def __len__(self):
+            return len(images)
+
+        def read(self, indices):
+            return images[indices], np.zeros(len(indices), np.int32)
+
+    calls = []
+
+    def load_source(config, *, seed):  # the real signature: seed is keyword-only
+        calls.append((config.source, seed))
+        return Source()
+
+    monkeypatch.setattr(data, "load_source", load_source)
+    reference, sample = mini.real_sets("tfds", 10)
+    assert calls == [("tfds", 0)]
+    assert reference.shape == sample.shape == (10, 32, 32, 3)
+    assert set(reference[:, 0, 0, 0]) <= set(range(20, 40))  # the second half
+    assert set(sample[:, 0, 0, 0]) <= set(range(20))  # sampled from the first half
+
+
 def test_table_shows_mean_std_and_n_and_dashes_for_missing_values():
     runs = [{"seed": 0, "swd": 10.0, "br": 0.1, "d_density": 0.1},
             {"seed": 1, "swd": 14.0, "br": 0.3, "d_density": 0.2}]
