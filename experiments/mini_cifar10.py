@@ -177,7 +177,7 @@ def real_sets(data_path: str, num_eval: int, seed: int = 0) -> tuple[np.ndarray,
 
 
 def br_summary(workdir: str, settings: Mapping[str, int]) -> dict[str, Any]:
-    """Windowed BR averaged over the run's second half, final D density, and the curves."""
+    """Median windowed BR over the run's second half, final D density, and the curves."""
     from ddst_jax import reporting
 
     rows = reporting.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
@@ -186,7 +186,9 @@ def br_summary(workdir: str, settings: Mapping[str, int]) -> dict[str, Any]:
     # The window is full from iteration br_window on.
     late = ((steps > settings["iterations"] // 2) & (steps >= settings["br_window"])
             & np.isfinite(br))
-    return {"br": float(np.mean(br[late])) if late.any() else float("nan"),
+    # The median, not the mean: one near-zero real-fake gap in a window makes that window's
+    # BR huge (a --quick run's mean was -330), and the median ignores a few such windows.
+    return {"br": float(np.median(br[late])) if late.any() else float("nan"),
             "d_density": float(density[-1]) if len(density) else float("nan"),
             "curves": {"step": steps.tolist(), "br/windowed": br.tolist(),
                        "density/d": density.tolist()}}
@@ -236,15 +238,18 @@ def run_one(method: str, seed: int, settings: Mapping[str, int], workdir: str, *
 
 
 def summarise(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean and (population) std over seeds of every numeric key the runs share."""
+    """Mean and sample std over seeds of every numeric key the runs share (std NaN for one
+    seed), computed as ``experiments.report`` does for every other table."""
+    from experiments.report import seed_statistics
+
     keys = [k for k in per_seed[0] if k != "seed" and isinstance(per_seed[0][k], float | int)]
-    values = {k: np.array([r[k] for r in per_seed], np.float64) for k in keys}
-    return {"n": len(per_seed), "mean": {k: float(np.mean(v)) for k, v in values.items()},
-            "std": {k: float(np.std(v)) for k, v in values.items()}}
+    stats = {k: seed_statistics([float(r[k]) for r in per_seed]) for k in keys}
+    return {"n": len(per_seed), "mean": {k: s[0] for k, s in stats.items()},
+            "std": {k: float("nan") if s[1] is None else s[1] for k, s in stats.items()}}
 
 
 def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
-    """One row per method (and ``real``): mean +- std over seeds."""
+    """One row per method (and ``real``): mean +- sample std over seeds (mean alone for n = 1)."""
     extra = [k for k in ("fid", "kid_x1e3") if any(k in s["mean"] for s in summaries.values())]
     cols = ["swd", "swd_32", "swd_16", *extra, "br", "d_density"]
     names = {"swd": "SWD x1e3 (avg)", "swd_32": "SWD 32", "swd_16": "SWD 16", "fid": "FID",
@@ -258,7 +263,9 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
                 cells.append("-")
             else:
                 digits = 3 if c in ("br", "d_density") else 2
-                cells.append(f"{s['mean'][c]:.{digits}f} +- {s['std'][c]:.{digits}f}")
+                std = s["std"].get(c, float("nan"))
+                spread = f" +- {std:.{digits}f}" if np.isfinite(std) else ""  # n = 1: no std
+                cells.append(f"{s['mean'][c]:.{digits}f}{spread}")
         lines.append(f"| {method} | {s['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

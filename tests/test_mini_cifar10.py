@@ -85,15 +85,30 @@ def test_real_sets_from_tfds_split_the_train_split_in_halves(monkeypatch):
     assert set(sample[:, 0, 0, 0]) <= set(range(20))  # sampled from the first half
 
 
-def test_table_shows_mean_std_and_n_and_dashes_for_missing_values():
-    runs = [{"seed": 0, "swd": 10.0, "br": 0.1, "d_density": 0.1},
-            {"seed": 1, "swd": 14.0, "br": 0.3, "d_density": 0.2}]
+def test_table_shows_mean_sample_std_and_n_and_dashes_for_missing_values():
+    runs = [{"seed": s, "swd": swd, "br": br, "d_density": br}
+            for s, swd, br in [(0, 10.0, 0.1), (1, 12.0, 0.2), (2, 14.0, 0.3)]]
     summaries = {"adapt": mini.summarise(runs),
                  "real": mini.summarise([{"seed": 0, "swd": 2.0}])}
-    assert summaries["adapt"]["mean"]["swd"] == 12.0 and summaries["adapt"]["std"]["swd"] == 2.0
+    # Sample std (ddof 1), as experiments.report: sqrt(8 / 2) = 2, not sqrt(8 / 3).
+    assert summaries["adapt"]["mean"]["swd"] == 12.0
+    assert summaries["adapt"]["std"]["swd"] == pytest.approx(2.0)
     lines = mini.markdown_table(summaries).splitlines()
-    assert lines[2].startswith("| adapt | 2 | 12.00 +- 2.00 | - | - | 0.200 +- 0.100 |")
-    assert lines[3] == "| real | 1 | 2.00 +- 0.00 | - | - | - | - |"
+    assert lines[2] == "| adapt | 3 | 12.00 +- 2.00 | - | - | 0.200 +- 0.100 | 0.200 +- 0.100 |"
+    assert lines[3] == "| real | 1 | 2.00 | - | - | - | - |"
+
+
+def test_br_summary_is_the_median_of_the_second_half_so_one_blown_window_does_not_rule(
+        tmp_path):
+    settings = {"iterations": 100, "br_window": 10}
+    br = {i: 0.2 for i in range(0, 101, 5)}
+    br[80] = -330.0  # one window whose real-fake gap was ~0
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step, value in br.items():
+            f.write(json.dumps({"step": step, "br/windowed": value, "density/d": 0.1}) + "\n")
+    out = mini.br_summary(str(tmp_path), settings)
+    assert out["br"] == pytest.approx(0.2)  # the mean would be ~-30
+    assert out["d_density"] == pytest.approx(0.1)
 
 
 def test_cli_runs_end_to_end_and_prints_the_json_line(tmp_path):
