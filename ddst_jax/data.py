@@ -62,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.name = "cifar10"  # TFDS dataset name (source="tfds"), e.g. "stl10", "cifar10".
     c.split = "train"  # TFDS split, slicing allowed (e.g. "unlabelled" for STL-10, "train[:90%]").
     c.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir; None: TFDS default.
-    c.download = True  # tfds: try download_and_prepare when not prepared (needs TF + network).
+    c.download = True  # tfds: prepare when not prepared (cifar10/stl10/tiny_imagenet: no TF).
     c.in_memory = False  # tfds: decode the whole split into RAM once (fast reads, more memory).
     c.image_key = "image"  # tfds: feature holding the image.
     c.label_key = "label"  # tfds: feature holding the class label (-1 if the dataset has none).
@@ -261,10 +261,11 @@ def load_tfds(
 ) -> ImageSource:
     """Opens a TFDS dataset with ``tfds.data_source``; prepares it first when it can.
 
-    Preparing (``download_and_prepare``) is tried only when the dataset is not prepared and
-    ``download`` is set. It needs TensorFlow and network, except for the project's own builders
-    (``ddst_jax.datasets``, e.g. ``tiny_imagenet``: registered here, prepared without TensorFlow
-    from an archive in ``<data_dir>/downloads/manual/`` or downloaded).
+    Preparing is tried only when the dataset is not prepared and ``download`` is set. For
+    ``cifar10``, ``stl10`` and ``tiny_imagenet`` it runs the project's builders
+    (``ddst_jax.datasets.prepare``: no TensorFlow; the official archive from
+    ``<data_dir>/downloads/manual/``, else downloaded, checksum checked). Other names go through
+    TFDS's ``download_and_prepare``, which needs TensorFlow and network.
 
     Raises:
       DatasetUnavailableError: the dataset is unknown, or not prepared (as array_record) under
@@ -311,7 +312,9 @@ def load_tfds(
             raise DatasetUnavailableError(_unavailable_message(name, data_dir, why)) from e
         try:
             with datasets.removed_on_failure(data_dir):  # no incomplete.* folders left behind
-                source = open_source(download_now=True)
+                if project_builder:  # TFDS's cifar10/stl10 builders would need TensorFlow.
+                    datasets.prepare(name, data_dir)
+                source = open_source(download_now=not project_builder)
         except Exception as e2:  # Network, TF or disk failure deep inside TFDS: one message.
             why = f"preparing it failed ({type(e2).__name__}: {e2})"
             raise DatasetUnavailableError(_unavailable_message(name, data_dir, why)) from e2
@@ -337,12 +340,14 @@ def _unavailable_message(name: str, data_dir: str | None, why: str) -> str:
 
     if name in datasets.BUILDER_MODULES:  # The project's builder: no TensorFlow needed.
         module = datasets.BUILDER_MODULES[name]
+        has_npz = hasattr(importlib.import_module(module), "prepare_npz")
+        npz = "see prepare_npz in that module" if has_npz else "uint8 NHWC train_images"
         return (
             f"TFDS dataset {name!r} cannot be read from {where} (config.data.data_dir): {why}.\n"
             f"Prepare it (no TensorFlow needed; see the docstring of {module}):\n"
             f"  python -m {module} --data_dir={where}\n"
             "  (it reads the archive from <data_dir>/downloads/manual/, or downloads it), or use\n"
-            "  --config.data.source=npz (see prepare_npz in that module)."
+            f"  --config.data.source=npz ({npz})."
         )
     return (
         f"TFDS dataset {name!r} cannot be read from {where} (config.data.data_dir): {why}.\n"

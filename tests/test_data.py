@@ -355,12 +355,12 @@ def no_network(monkeypatch):
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", forbidden)
 
 
-def _assert_fix_instructions(message, where):
+def _assert_fix_instructions(message, where, name="mnist"):
     for part in (
         where,
         "config.data.data_dir",
         "pip install tensorflow-cpu",
-        "tfds build cifar10 --file_format=array_record",
+        f"tfds build {name} --file_format=array_record",
         "download_and_prepare()",
         "--config.data.source=npz --config.data.path=FILE",
         "--config.data.source=synthetic",
@@ -368,9 +368,10 @@ def _assert_fix_instructions(message, where):
         assert part in message, part
 
 
+# mnist: a TFDS dataset the project does not prepare (cifar10/stl10: tests/test_cifar10_stl10.py).
 def test_missing_tfds_dataset_without_tensorflow(tmp_path, monkeypatch, no_network):
     monkeypatch.setattr(data, "_tensorflow_installed", lambda: False)
-    cfg = _config(source="tfds", name="cifar10", data_dir=str(tmp_path))
+    cfg = _config(source="tfds", name="mnist", data_dir=str(tmp_path))
     with pytest.raises(data.DatasetUnavailableError, match="TensorFlow") as info:
         data.load_source(cfg, seed=0)
     _assert_fix_instructions(str(info.value), str(tmp_path))
@@ -385,7 +386,7 @@ def test_missing_tfds_dataset_when_preparing_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "_tensorflow_installed", lambda: True)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
-    cfg = _config(source="tfds", name="cifar10", data_dir=str(tmp_path))
+    cfg = _config(source="tfds", name="mnist", data_dir=str(tmp_path))
     with pytest.raises(data.DatasetUnavailableError, match="preparing it failed") as info:
         data.load_source(cfg, seed=0)
     assert isinstance(info.value.__cause__, ConnectionError)

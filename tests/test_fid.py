@@ -8,7 +8,7 @@ import scipy.linalg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ddst_jax import data
+from ddst_jax import data, datasets
 from ddst_jax.metrics import fid, inception
 from experiments import fid_stats
 
@@ -228,7 +228,11 @@ def test_reference_statistics_of_an_image_source(tmp_path, monkeypatch):
     np.testing.assert_allclose(sigma, want_sigma, rtol=1e-12)
 
 
-def test_missing_datasets_give_one_clear_message(tmp_path):
+def test_missing_datasets_give_one_clear_message(tmp_path, monkeypatch):
+    def offline(url):
+        raise OSError("no network")
+
+    monkeypatch.setattr(datasets, "check_reachable", offline)  # cifar10 would be downloaded
     with pytest.raises(data.DatasetUnavailableError, match="--path"):
         fid_stats.open_images(
             source="npz", dataset="", split="", data_dir=None, path=None, image_size=32

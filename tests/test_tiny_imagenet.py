@@ -161,7 +161,7 @@ def test_project_input_pipeline_reads_it(prepared):
 def test_ensure_registered():
     assert ensure_registered("tiny_imagenet") and ensure_registered("tiny_imagenet/1.0.0")
     assert "tiny_imagenet" in tfds.list_builders(with_community_datasets=False)
-    assert not ensure_registered("cifar10")
+    assert not ensure_registered("mnist")
 
 
 def test_default_file_format_is_array_record(tmp_path):

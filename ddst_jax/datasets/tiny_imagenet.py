@@ -37,6 +37,7 @@ from etils import epath
 from PIL import Image, UnidentifiedImageError
 
 from ddst_jax import datasets
+from ddst_jax.datasets import builder
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 ARCHIVE_NAME = "tiny-imagenet-200.zip"
@@ -232,7 +233,7 @@ def generate_examples(
         yield name, {"image": image, "label": label, "file_name": name}
 
 
-class TinyImagenet(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "__main__"):
+class TinyImagenet(builder.ArrayRecordBuilder, skip_registration=__name__ == "__main__"):
     """TinyImageNet-200: 64x64 RGB images of 200 ImageNet classes (TFDS name tiny_imagenet).
 
     Written as array_record unless another ``file_format`` is given (others need TensorFlow).
@@ -245,18 +246,6 @@ Download {URL} (md5 {ARCHIVE_MD5}, about 240 MB) and put {ARCHIVE_NAME}, or the
 {ROOT_DIR}/ folder extracted from it, in the manual directory: <data_dir>/downloads/manual/
 by default (e.g. ~/tensorflow_datasets/downloads/manual/{ARCHIVE_NAME}), or the folder given
 as DownloadConfig(manual_dir=...) / --manual_dir. Without it the builder downloads the URL."""
-
-    def __init__(self, *, file_format: str | tfds.core.FileFormat | None = None, **kwargs: Any):
-        super().__init__(file_format=file_format, **kwargs)
-        if file_format is None and not self.is_prepared():
-            # TFDS defaults to tfrecord, which needs TensorFlow to write and has no random access.
-            self.info.set_file_format(tfds.core.FileFormat.ARRAY_RECORD, override=True)
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        """This file. (TFDS's lookup needs the importlib_resources backport on Python >= 3.9.)"""
-        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -323,11 +312,7 @@ def prepare(
 
     Returns the prepared builder. No TensorFlow needed; a no-op when already prepared.
     """
-    builder = TinyImagenet(data_dir=data_dir, file_format=tfds.core.FileFormat.ARRAY_RECORD)
-    config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-    with datasets.removed_on_failure(data_dir):
-        builder.download_and_prepare(download_config=config)
-    return builder
+    return builder.prepare(TinyImagenet, data_dir, manual_dir=manual_dir)
 
 
 def prepare_npz(archive_or_dir: epath.PathLike, out_path: str, split: str = "train") -> int:
@@ -374,12 +359,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         count = prepare_npz(args.archive, args.npz, args.split)
         print(f"Wrote {count} images of split {args.split!r} to {args.npz}.")
         return
-    try:
-        builder = prepare(args.data_dir, manual_dir=args.manual_dir)
-    except FileNotFoundError as e:  # no archive and no network: the message says what to do
-        raise SystemExit(f"error: {e}") from None
-    splits = {name: info.num_examples for name, info in builder.info.splits.items()}
-    print(f"Prepared tiny_imagenet in {builder.data_dir}: {splits}.")
+    builder.prepare_and_report(TinyImagenet, args.data_dir, args.manual_dir)
 
 
 if __name__ == "__main__":
