@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import io
 import os
 import queue
 import threading
@@ -38,6 +39,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from ddst_jax import storage
 
 Batch = dict[str, np.ndarray]
 
@@ -217,13 +220,13 @@ def load_npz(path: str, image_size: int) -> ArraySource:
             "config.data.path is not set: give the .npz file, e.g. "
             "--config.data.path=/data/cifar10.npz (or choose another config.data.source)."
         )
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise DatasetUnavailableError(
             f"config.data.path={path!r} does not exist. Give an .npz file holding train_images "
             "(N, H, W, 3) uint8, or use --config.data.source=synthetic."
         )
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as f:
             arrays = {k: f[k] for k in ("train_images", "train_labels") if k in f.files}
             keys = sorted(f.files)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:

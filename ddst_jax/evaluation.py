@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable
 
 import jax
@@ -18,7 +17,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddst_jax import data, reporting
+from ddst_jax import data, reporting, storage
 from ddst_jax.gan import setup as setup_lib
 from ddst_jax.gan import steps
 from ddst_jax.metrics import fid, inception
@@ -103,12 +102,12 @@ def reference_statistics(config: ml_collections.ConfigDict, workdir: str,
     """
     path = config.eval.reference_stats
     if path:
-        if not os.path.exists(path):
+        if not storage.exists(path):
             raise ValueError(f"config.eval.reference_stats: no file at {path}; create one with "
                              "`python -m experiments.fid_stats` or unset it to compute them.")
         return fid.load_statistics(path)
-    cached = os.path.join(workdir, "reference_stats.npz")
-    if os.path.exists(cached):
+    cached = storage.join(workdir, "reference_stats.npz")
+    if storage.exists(cached):
         return fid.load_statistics(cached)
     reporting.say(f"Computing FID reference statistics of {len(source)} training images "
                   "(once).")

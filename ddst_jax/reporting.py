@@ -7,6 +7,10 @@ called: call them under `if is_primary():`.
 Every scalar row also goes to `workdir/metrics.jsonl`, one JSON object per line
 (`{"step": 1000, "br/ratio": 0.48, ...}`, non-finite values as `null`), so curves and reports
 can be made without TensorBoard.
+
+Every file goes through `ddst_jax.storage` (etils.epath), so `workdir` may be a bucket URI
+(`gs://...`); the guarantees there (one object upload per file, appends re-uploaded) are in
+that module's docstring.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +26,8 @@ import jax
 import numpy as np
 import tqdm
 from absl import logging
+
+from ddst_jax import storage
 
 JSONL_NAME = "metrics.jsonl"
 
@@ -43,26 +48,8 @@ def say(message: str) -> None:
 # Files.
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> str:
-    """Calls `write(file)` on a temporary file next to `path`, then renames it over `path`.
-
-    A crash leaves either the old file or the new one, never a partial file.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+# A crash leaves either the old file or the new one, never a partial file (local or bucket).
+_atomic_write = storage.atomic_write
 
 
 def to_jsonable(value: Any, _path: str = "") -> Any:
@@ -102,8 +89,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     A malformed last line (a write cut short by a crash) is skipped; a malformed line elsewhere
     is real damage and raises ValueError.
     """
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = storage.read_text(path).split("\n")
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -124,10 +110,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def truncate_jsonl(path: str, resume_step: int | None) -> None:
     """Drops rows after `resume_step` and any half-written last line, atomically."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return
-    with open(path, "rb") as f:
-        data = f.read()
+    data = storage.read_bytes(path)
     if resume_step is None and (not data or data.endswith(b"\n")):
         return  # nothing to drop; keep appending to the file as it is
     rows = read_jsonl(path)
@@ -187,22 +172,23 @@ class MetricWriter:
             jsonl_name: file name of the JSONL copy.
         """
         self.enabled = is_primary() if enabled is None else enabled
-        self.jsonl_path = os.path.join(os.fspath(workdir), jsonl_name)
+        self.jsonl_path = storage.join(workdir, jsonl_name)
         self._jsonl = None
         self._tb = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
         truncate_jsonl(self.jsonl_path, resume_step)
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
+        # On a bucket, rows are uploaded every 30 s and on flush (the runner flushes before
+        # each checkpoint), as TensorBoard's events are.
+        self._jsonl = storage.Appender(self.jsonl_path, interval_s=30.0)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
+            logdir = storage.join(workdir, "tensorboard")
+            storage.register_event_writer(logdir)
             purge = None if resume_step is None else max(resume_step + 1, 0)
-            self._tb = SummaryWriter(
-                logdir=os.path.join(os.fspath(workdir), "tensorboard"), purge_step=purge,
-                flush_secs=30,
-            )
+            self._tb = SummaryWriter(logdir=logdir, purge_step=purge, flush_secs=30)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Logs scalars (numbers, 0-d or size-1 arrays) at `step`."""
@@ -215,7 +201,6 @@ class MetricWriter:
         row = {"step": int(step), **finite}
         # One write per complete line: a crash can only cut the last line, which readers skip.
         self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
-        self._jsonl.flush()
         if self._tb is not None:
             for name, v in values.items():
                 self._tb.add_scalar(name, v, int(step))
@@ -230,7 +215,7 @@ class MetricWriter:
                 self._tb.add_images(name, array, int(step), dataformats="NHWC")
 
     def flush(self) -> None:
-        """Pushes buffered rows and events to disk."""
+        """Pushes buffered rows and events to disk (or uploads them to the bucket)."""
         if self._jsonl is not None:
             self._jsonl.flush()
         if self._tb is not None:
@@ -387,7 +372,7 @@ def plot_curves(
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
-        written.append(_save_figure(figure, os.path.join(os.fspath(out_dir), name)))
+        written.append(_save_figure(figure, storage.join(out_dir, name)))
 
     def band(ax: Any) -> None:
         if br_band is not None:

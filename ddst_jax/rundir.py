@@ -4,7 +4,9 @@
   plus the holder's pid, host, start time and command). A second run on the same workdir
   refuses in one line naming the holder. The OS releases the lock when its process dies, even
   by ``kill -9``; the next run then finds the dead holder's record, says so, and goes on.
-  Multi-host: process 0 takes the lock and every process learns the outcome.
+  Multi-host: process 0 takes the lock and every process learns the outcome. On an object
+  store (``gs://``) there is no file lock: the record is a best-effort marker (see
+  ``RunLock``).
 * ``config_changes`` / ``check_resume``: a resumed run must have the configuration it was
   started with; a change is allowed only when named (``--change=train.iterations``), and every
   allowed change is appended to ``<workdir>/config_history.jsonl`` so ``config.json``,
@@ -31,6 +33,8 @@ import socket
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from ddst_jax import storage
 
 LOCK_NAME = "run.lock"
 HISTORY_NAME = "config_history.jsonl"
@@ -59,11 +63,18 @@ class WorkdirUnusable(ValueError):
 
 
 def prepare_workdir(workdir: str) -> str:
-    """Creates ``workdir`` if needed and checks it is a writable directory; returns its abspath.
+    """Creates ``workdir`` if needed and checks it is a writable directory; returns its abspath
+    (a bucket URI unchanged: its writability shows at the first write).
 
     Raises ``WorkdirUnusable`` with the cause and the fix.
     """
-    path = os.path.abspath(workdir)
+    path = storage.resolve(workdir)
+    if storage.is_remote(path):
+        if storage.isfile(path):
+            raise WorkdirUnusable(f"--workdir {path} is a file, not a directory: pass a "
+                                  "directory (a prefix in the bucket).")
+        storage.makedirs(path)
+        return path
     if os.path.exists(path) and not os.path.isdir(path):
         raise WorkdirUnusable(f"--workdir {path} is a file, not a directory: pass a directory "
                               "(it is created if missing).")
@@ -108,24 +119,46 @@ class RunLock:
     which names it in the refusal and lets the next run explain a lock left by a dead process
     (``stale``: that holder's record, else None). On filesystems without ``flock`` (some FUSE
     mounts) only a holder on the same host is detected (by its pid).
+
+    On an object store (``gs://``...) there is no lock at all: objects cannot be locked, and a
+    marker cannot tell a live holder on another host from a dead one (refusing on any marker
+    would block a workdir forever after a crash). There the record is a best-effort marker:
+    a holder on this host whose pid lives is refused as above; a marker from another host is
+    named in a warning (``foreign``) and the run goes on. Two hosts must not run one bucket
+    workdir at once; nothing enforces it.
     """
 
     def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, LOCK_NAME)
+        self.path = storage.join(workdir, LOCK_NAME)
         self._fd: int | None = None
+        self._marker = False
         self.stale: dict[str, Any] | None = None
+        self.foreign: dict[str, Any] | None = None
 
     def _read(self, fd: int) -> dict[str, Any] | None:
         os.lseek(fd, 0, os.SEEK_SET)
         raw = os.read(fd, 1 << 16).decode("utf-8", "replace").strip()
-        if not raw:
-            return None
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            return {"pid": "?", "host": "?", "since": "?", "note": "unreadable lock record"}
+        return _parse_record(raw)
+
+    def _acquire_marker(self) -> RunLock:
+        """The object-store variant of ``acquire`` (see the class docstring)."""
+        previous = _parse_record(storage.read_text(self.path)) if storage.exists(self.path) \
+            else None
+        if _live_holder_here(previous):
+            raise WorkdirLocked(
+                f"{os.path.dirname(self.path)} is in use by another run ({_describe(previous)}): "
+                "wait for it to finish, stop it, or use another --workdir.")
+        if previous and previous.get("host") == socket.gethostname():
+            self.stale = previous
+        elif previous:
+            self.foreign = previous
+        storage.write_text(self.path, json.dumps(_holder_record()) + "\n")
+        self._marker = True
+        return self
 
     def acquire(self) -> RunLock:
+        if storage.is_remote(self.path):
+            return self._acquire_marker()
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -145,26 +178,28 @@ class RunLock:
                 "for it to finish, stop it (Ctrl-C, or kill -TERM it: it saves a checkpoint), "
                 "or use another --workdir.") from None
         previous = self._read(fd)
-        host = socket.gethostname()
-        if previous and previous.get("host") == host and isinstance(previous.get("pid"), int) \
-                and previous["pid"] != os.getpid() and _pid_alive(previous["pid"]):
+        if _live_holder_here(previous):
             # flock succeeded although the recorded holder lives: a filesystem without flock.
             os.close(fd)
             raise WorkdirLocked(
                 f"{os.path.dirname(self.path)} is in use by another run ({_describe(previous)}): "
                 "wait for it to finish, stop it, or use another --workdir.")
         self.stale = previous
-        record = {"pid": os.getpid(), "host": host, "since": _now(),
-                  "command": " ".join(sys.argv)}
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, (json.dumps(record) + "\n").encode())
+        os.write(fd, (json.dumps(_holder_record()) + "\n").encode())
         os.fsync(fd)
         self._fd = fd
         return self
 
     def stale_message(self) -> str | None:
-        """One line about a lock left by a process that died holding it, or None."""
+        """One line about a lock left by a process that died holding it (or, on an object
+        store, a marker of another host that may still be running), or None."""
+        if self.foreign:
+            return (f"{os.path.dirname(self.path)} is marked as used by a run on another host "
+                    f"({_describe(self.foreign)}); a bucket workdir cannot be locked, so this "
+                    "run goes on. If that run is still alive, stop one of them now: two runs "
+                    "in one workdir overwrite each other's checkpoints and logs.")
         if not self.stale:
             return None
         return (f"The previous run in this workdir ({_describe(self.stale)}) ended without "
@@ -173,6 +208,9 @@ class RunLock:
 
     def release(self) -> None:
         """Clears the holder record and drops the lock (idempotent)."""
+        if self._marker:
+            storage.remove(self.path)
+            self._marker = False
         if self._fd is None:
             return
         try:
@@ -188,6 +226,29 @@ class RunLock:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def _parse_record(raw: str) -> dict[str, Any] | None:
+    """The holder record of a lock file's text (None if empty)."""
+    raw = raw.strip()
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return {"pid": "?", "host": "?", "since": "?", "note": "unreadable lock record"}
+
+
+def _live_holder_here(record: Mapping[str, Any] | None) -> bool:
+    """Whether ``record`` names another process of this host that is alive."""
+    return bool(record) and record.get("host") == socket.gethostname() \
+        and isinstance(record.get("pid"), int) and record["pid"] != os.getpid() \
+        and _pid_alive(record["pid"])
+
+
+def _holder_record() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(),
+            "command": " ".join(sys.argv)}
 
 
 def acquire_for_all_processes(workdir: str) -> RunLock | None:
@@ -299,15 +360,13 @@ def record_changes(workdir: str, iteration: int, changes: Mapping[str, list[Any]
         return None
     row = {"iteration": int(iteration), "time": _now(), "event": event,
            "changes": {k: list(v) for k, v in changes.items()}}
-    with open(os.path.join(workdir, HISTORY_NAME), "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    storage.append_text(storage.join(workdir, HISTORY_NAME), json.dumps(row) + "\n")
     return row
 
 
 def read_history(workdir: str) -> list[dict[str, Any]]:
     """The rows of ``config_history.jsonl`` (empty if the config never changed)."""
-    path = os.path.join(workdir, HISTORY_NAME)
-    if not os.path.exists(path):
+    path = storage.join(workdir, HISTORY_NAME)
+    if not storage.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -39,7 +40,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ddst_jax
-from ddst_jax import checkpoint, evaluation, train
+from ddst_jax import checkpoint, evaluation, storage, train
 from ddst_jax.gan import steps
 from ddst_jax.gan.setup import GanSetup
 from ddst_jax.metrics import fid, kid_prdc
@@ -57,7 +58,7 @@ class ProtocolMismatch(ValueError):
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes (hex)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -90,20 +91,18 @@ class Reference(NamedTuple):
 def save_reference(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray,
                    features: np.ndarray | None, protocol: Mapping[str, Any]) -> None:
     """Writes a reference ``.npz``: TTUR's ``mu``/``sigma`` plus ``features`` and the protocol
-    (JSON), atomically."""
-    tmp = f"{os.fspath(path)}.tmp.npz"
+    (JSON), atomically (local path or bucket URI)."""
     arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64),
               "protocol": np.asarray(json.dumps(dict(protocol), sort_keys=True))}
     if features is not None:
         arrays["features"] = np.asarray(features, np.float32)
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    storage.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_reference(path: str | os.PathLike) -> Reference:
     """A reference ``.npz`` (ours, or TTUR's with ``mu`` and ``sigma`` only)."""
     mu, sigma = fid.load_statistics(path)
-    with np.load(path, allow_pickle=False) as f:
+    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as f:
         features = f["features"] if "features" in f.files else None
         protocol = json.loads(str(f["protocol"])) if "protocol" in f.files else None
     return Reference(mu, sigma, features, protocol)
@@ -143,11 +142,10 @@ class LoadedRun:
 
 def load_run(workdir: str, checkpoint_name: str | int = "latest") -> LoadedRun:
     """Restores a run's checkpoint (``"latest"``, ``"best"`` or a step) with its own config."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = storage.join(workdir, "config.json")
+    if not storage.exists(path):
         raise ValueError(f"{workdir} holds no run (no config.json); pass a run's --workdir.")
-    with open(path, encoding="utf-8") as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.loads(storage.read_text(path)))
     spec = train.validate_config(config)
     setup = train.build_setup(config, spec)
     mesh = train.make_mesh(config.parallel.num_devices)
@@ -251,17 +249,16 @@ def reference_from_source(source: Any, features_fn: FeaturesFn, mesh: jax.shardi
 def images_from_path(path: str) -> np.ndarray:
     """uint8 NHWC images from a folder of PNG/JPEG files (sorted by name) or an ``.npz``
     (``images`` or ``train_images``)."""
-    if os.path.isdir(path):
+    if storage.isdir(path):
         from PIL import Image  # noqa: PLC0415
 
-        names = sorted(n for n in os.listdir(path)
-                       if n.lower().endswith((".png", ".jpg", ".jpeg")))
+        names = [n for n in storage.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg"))]
         if not names:
             raise ValueError(f"{path} holds no .png/.jpg images.")
-        return np.stack([np.asarray(Image.open(os.path.join(path, n)).convert("RGB"))
-                         for n in names])
-    if path.endswith(".npz") and os.path.isfile(path):
-        with np.load(path, allow_pickle=False) as f:
+        return np.stack([np.asarray(Image.open(io.BytesIO(storage.read_bytes(
+            storage.join(path, n)))).convert("RGB")) for n in names])
+    if path.endswith(".npz") and storage.isfile(path):
+        with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as f:
             key = next((k for k in ("images", "train_images") if k in f.files), None)
             if key is None:
                 raise ValueError(f"{path} has no 'images' or 'train_images' array.")

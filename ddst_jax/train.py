@@ -22,7 +22,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -35,7 +34,17 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddst_jax import balance, checkpoint, control, data, evaluation, memory, reporting, rundir
+from ddst_jax import (
+    balance,
+    checkpoint,
+    control,
+    data,
+    evaluation,
+    memory,
+    reporting,
+    rundir,
+    storage,
+)
 from ddst_jax import sparsity as sp
 from ddst_jax.gan import registry, steps
 from ddst_jax.gan import setup as setup_lib
@@ -349,14 +358,16 @@ class _Logger:
         self.pending: list[tuple[int, dict]] = []
         self.last_counts: tuple | None = None
         self.last: dict[str, float] = {}
-        self.density_path = os.path.join(workdir, DENSITY_LOG)
+        self.density_path = storage.join(workdir, DENSITY_LOG)
+        self._density: storage.Appender | None = None
         if writer.enabled:
             reporting.truncate_jsonl(self.density_path, -1 if resume_step is None else resume_step)
-            rows = reporting.read_jsonl(self.density_path) if os.path.exists(
+            rows = reporting.read_jsonl(self.density_path) if storage.exists(
                 self.density_path) else []
             if rows:
                 last = rows[-1]
                 self.last_counts = (tuple(last["g_counts"]), tuple(last["d_counts"]))
+            self._density = storage.Appender(self.density_path)
         self.tick = time.perf_counter()
         self.tick_step: int | None = None
 
@@ -389,8 +400,19 @@ class _Logger:
             {n: c / s for n, c, s in zip(self.d_names, key[1], self.d_sizes, strict=True)},
             changed,
             extra={"step": iteration, "g_counts": list(key[0]), "d_counts": list(key[1])})
-        with open(self.density_path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        self._density.write(line + "\n")
+
+    def sync(self) -> None:
+        """Stores the logs written so far (a bucket's are uploaded); call before a checkpoint,
+        so a resume from it finds every row up to its step."""
+        if self._density is not None:
+            self._density.flush()
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self._density is not None:
+            self._density.close()
+            self._density = None
 
     def log_initial(self, iteration: int, state: steps.TrainState) -> None:
         g = jax.device_get(sp.layer_counts(state.g_masks, self.setup.model.is_maskable))
@@ -462,8 +484,7 @@ def _save_samples(workdir: str, writer: reporting.MetricWriter, iteration: int,
                   images: np.ndarray) -> str | None:
     if not writer.enabled:
         return None
-    path = os.path.join(workdir, "samples", f"iter_{iteration:07d}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path = storage.join(workdir, "samples", f"iter_{iteration:07d}.png")
     reporting.save_image_grid(images, path, nrow=int(math.ceil(math.sqrt(len(images)))))
     writer.write_images(iteration, {"samples/ema": reporting.to_uint8(images)})
     return path
@@ -526,13 +547,12 @@ def _resume_changes(config, meta: Mapping[str, Any], workdir: str,
     """The run's config changes on this resume (``ConfigMismatch`` if not allowed)."""
     old = meta.get("config")
     if old is None:  # checkpoints from before the config was stored with them
-        path = os.path.join(workdir, "config.json")
-        if not os.path.exists(path):
+        path = storage.join(workdir, "config.json")
+        if not storage.exists(path):
             say("Cannot check this resume's configuration: the checkpoint has no copy of it "
                 "and config.json is missing.")
             return {}
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+        old = json.loads(storage.read_text(path))
     new = json.loads(config.to_json_best_effort())
     return rundir.check_resume(old, new, allowed=allow_changes, iteration=meta.get("iteration"))
 
@@ -575,15 +595,14 @@ def _run(config, spec, workdir: str, stop: checkpoint.StopFlag,
             ckpt.close()
             say(f"The run in {workdir} is finished (iteration {done}); nothing to do. To "
                 "train it longer, raise train.iterations and add --change=train.iterations.")
-            summary_path = os.path.join(workdir, "summary.json")
-            if os.path.exists(summary_path):
-                with open(summary_path, encoding="utf-8") as f:
-                    return json.load(f)
+            summary_path = storage.join(workdir, "summary.json")
+            if storage.exists(summary_path):
+                return json.loads(storage.read_text(summary_path))
             return {"finished": True, "iteration": done}
         if primary and changes:
             rundir.record_changes(workdir, done, changes)
-            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-                f.write(config.to_json_best_effort(indent=2))
+            storage.write_text(storage.join(workdir, "config.json"),
+                               config.to_json_best_effort(indent=2))
             say("Configuration changes recorded in config_history.jsonl: " + "; ".join(
                 f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in changes.items()))
     if _stop_requested(stop, 0, 1):  # a signal during start-up (all processes agree)
@@ -594,8 +613,8 @@ def _run(config, spec, workdir: str, stop: checkpoint.StopFlag,
         state = init_fn(jax.random.key(config.seed))
         start = 0
         if primary:
-            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-                f.write(config.to_json_best_effort(indent=2))
+            storage.write_text(storage.join(workdir, "config.json"),
+                               config.to_json_best_effort(indent=2))
     else:
         state, meta = restored
         start = int(meta["iteration"])
@@ -654,9 +673,11 @@ def _run(config, spec, workdir: str, stop: checkpoint.StopFlag,
                     ckpt.save_best(iteration, state, result["eval/fid"],
                                    metadata(iteration, end))
                 if end or iteration % t.checkpoint_every == 0:
+                    logger.sync()
                     ckpt.save(iteration, state, metadata(iteration, end))
                 if _stop_requested(stop, iteration, t.log_every):
                     logger.flush()
+                    logger.sync()
                     ckpt.save(iteration, state, metadata(iteration, False), force=True)
                     stopped = True
                     say(f"Stopped (signal {stop.signum}): saved iteration {iteration} in "
@@ -667,6 +688,7 @@ def _run(config, spec, workdir: str, stop: checkpoint.StopFlag,
         ckpt.wait_until_finished()
         best_fid = (ckpt.best_value(), ckpt.best_step())
         ckpt.close()
+        logger.close()
         writer.flush()
     wall = time.perf_counter() - t_start
     summary = _summary(config, spec, setup, state, logger.last, iteration, total, stopped,
@@ -678,9 +700,9 @@ def _run(config, spec, workdir: str, stop: checkpoint.StopFlag,
         summary["best_fid"], summary["best_fid_iteration"] = best_fid
     if primary and not stopped:
         summary["plots"] = reporting.plot_curves(
-            writer.jsonl_path, os.path.join(workdir, "plots"),
+            writer.jsonl_path, storage.join(workdir, "plots"),
             br_band=getattr(setup.control, "band", None))
-        reporting.write_summary(os.path.join(workdir, "summary.json"), summary)
+        reporting.write_summary(storage.join(workdir, "summary.json"), summary)
     writer.close()
     return summary
 

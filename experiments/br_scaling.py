@@ -21,7 +21,6 @@ iterations) takes about 30 minutes on a 2-core CPU.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -107,25 +106,25 @@ def main(argv: Sequence[str]) -> None:
         print(f"error: --variants: unknown {unknown}; use some of {list(VARIANTS)}.",
               file=sys.stderr)
         sys.exit(1)
-    from ddst_jax import reporting, train
+    from ddst_jax import reporting, storage, train
 
     start = time.perf_counter()
     results: dict[str, list[float]] = {}
     for i, name in enumerate(FLAGS.variants):
         config = variant_config(name, FLAGS.iterations, FLAGS.window, FLAGS.data, FLAGS.seed)
-        workdir = os.path.join(FLAGS.workdir, f"variant{VARIANTS_INDEX[name]}")
+        workdir = storage.join(FLAGS.workdir, f"variant{VARIANTS_INDEX[name]}")
         summary = train.train_and_evaluate(config, workdir)
         if not summary.get("finished", False):
             # A stop (Ctrl-C, SIGTERM) ends the study; the run resumes on the next call.
             print(f"stopped in {workdir}; re-run the same command to resume the study.",
                   file=sys.stderr)
             sys.exit(1)
-        rows = reporting.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        rows = reporting.read_jsonl(storage.join(workdir, "metrics.jsonl"))
         steps, br = reporting.scalar_series(rows, "br/windowed")
         results[name] = quarter_means(steps, br, FLAGS.window, FLAGS.iterations)
         reporting.say(f"[{i + 1}/{len(FLAGS.variants)}] {name}: "
                       + ", ".join(f"{v:.3f}" for v in results[name]))
-    reporting.write_summary(os.path.join(FLAGS.workdir, "results.json"), {
+    reporting.write_summary(storage.join(FLAGS.workdir, "results.json"), {
         "base": BASE, "iterations": FLAGS.iterations, "window": FLAGS.window,
         "seed": FLAGS.seed, "results": results, "wall_seconds": time.perf_counter() - start})
     print(markdown_table(results))

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import sys
 import time
 from typing import Any
 
 from absl import app, flags
+
+from ddst_jax import storage
 
 FLAGS = flags.FLAGS
 
@@ -90,7 +91,7 @@ def evaluate(workdir: str | None = None, *, images: str | None = None,
         bn_mode = bn_mode or run.config.eval.get("bn_mode", "train")
         batch_size = batch_size or int(run.config.eval.batch_size)
         size = run.setup.model.image_shape[0]
-        protocol.update(source="generator", workdir=os.path.abspath(workdir),
+        protocol.update(source="generator", workdir=storage.resolve(workdir),
                         checkpoint=run.which, step=run.step, generator=generator,
                         bn_mode=bn_mode, num_samples=num_samples, image_size=size,
                         model=run.config.model.name)
@@ -104,15 +105,15 @@ def evaluate(workdir: str | None = None, *, images: str | None = None,
         array = scoring.images_from_path(images)
         batch_size = batch_size or 100
         size = array.shape[1]
-        protocol.update(source="images", images=os.path.abspath(images),
+        protocol.update(source="images", images=storage.resolve(images),
                         images_sha256=(scoring.file_sha256(images)
-                                       if os.path.isfile(images) else None),
+                                       if storage.isfile(images) else None),
                         num_samples=len(array), image_size=size)
         pool, logits = inception.features_batched(variables, array, batch_size=batch_size,
                                                   resize=resize)
     if reference is not None:
         ref = scoring.load_reference(reference)
-        ref_source = {"file": os.path.abspath(reference),
+        ref_source = {"file": storage.resolve(reference),
                       "sha256": scoring.file_sha256(reference)}
     elif workdir is not None:
         ref, ref_source = _run_reference(run, features_fn, protocol, batch_size, data,
@@ -127,9 +128,8 @@ def evaluate(workdir: str | None = None, *, images: str | None = None,
     protocol["seconds"] = round(time.perf_counter() - started, 1)
     result = {"scores": scores, "protocol": protocol, "notes": notes}
     if output is None and workdir is not None:
-        output = os.path.join(workdir, "eval", f"{run.which}_{generator}_{resize}.json")
+        output = storage.join(workdir, "eval", f"{run.which}_{generator}_{resize}.json")
     if output is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         reporting.write_summary(output, result)
         result["output"] = output
     return result
@@ -139,13 +139,12 @@ def _run_reference(run, features_fn, protocol, batch_size, data, scoring, train)
     """The run's training images' reference under ``protocol``, cached in ``RUN/eval/``."""
     ref_protocol = {k: protocol[k] for k in scoring.REFERENCE_KEYS}
     name = f"reference_{protocol['resize']}_{protocol['inception_sha256'][:12]}.npz"
-    path = os.path.join(run.workdir, "eval", name)
-    if not os.path.exists(path):
+    path = storage.join(run.workdir, "eval", name)
+    if not storage.exists(path):
         source = data.load_source(run.config.data, seed=run.config.seed)
         described = {**ref_protocol, "data": run.config.data.to_dict(), "images": len(source)}
         ref = scoring.reference_from_source(source, features_fn, run.mesh,
                                             batch_size=batch_size, protocol=described)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         scoring.save_reference(path, ref.mu, ref.sigma, ref.features, ref.protocol)
     return scoring.load_reference(path), {"file": path, "sha256": scoring.file_sha256(path),
                                           "computed_from": "the run's training data"}
@@ -167,7 +166,7 @@ def main(argv):
                           inception_weights=FLAGS.inception_weights, batch_size=FLAGS.batch_size,
                           output=FLAGS.output)
     except Exception as e:  # noqa: BLE001
-        message = runner.user_error(e, os.path.abspath(workdir or "."))
+        message = runner.user_error(e, storage.resolve(workdir or "."))
         if message is None or FLAGS.verbose:
             raise
         print(f"error: {message}", file=sys.stderr)

@@ -44,7 +44,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from ddst_jax import control, sparsity
+from ddst_jax import control, sparsity, storage
 from ddst_jax.gan import methods, registry
 from ddst_jax.metrics import flops
 
@@ -203,14 +203,13 @@ def run_report(workdir: str | os.PathLike[str]) -> dict[str, Any]:
     (``flops.scheduled_log``: the run log only records changed densities) and a dynamic D one
     ``dT_D * n_dis`` interval per logged D change.
     """
-    config_path = os.path.join(os.fspath(workdir), RUN_CONFIG_FILE)
-    if not os.path.exists(config_path):
+    config_path = storage.join(workdir, RUN_CONFIG_FILE)
+    if not storage.exists(config_path):
         raise FileNotFoundError(
             f"No {RUN_CONFIG_FILE} in {workdir}; pass the directory of a run written by the "
             "training runner."
         )
-    with open(config_path) as f:
-        run_config = json.load(f)
+    run_config = json.loads(storage.read_text(config_path))
     g_log, d_log = flops.read_density_log(workdir)
     model = model_flops(_field(run_config, "model"))
     train = _train_kwargs(run_config)

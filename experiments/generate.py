@@ -19,13 +19,15 @@ can be scored again later. Defaults: the latest checkpoint, the EMA generator, t
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import sys
 from typing import Any
 
 import numpy as np
 from absl import app, flags
+
+from ddst_jax import storage
 
 FLAGS = flags.FLAGS
 
@@ -79,17 +81,19 @@ def generate(workdir: str, *, checkpoint: str = "latest", generator: str = "ema"
     if num_samples:
         images = samples(num_samples)
         if output.endswith(".npz"):
-            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-            np.savez(output, images=images, **({"labels": _labels(num_samples, seed, classes)}
-                                               if classes else {}))
+            arrays = {"images": images, **({"labels": _labels(num_samples, seed, classes)}
+                                           if classes else {})}
+            storage.atomic_write(output, lambda f: np.savez(f, **arrays))
             written.append(output)
         else:
             from PIL import Image  # noqa: PLC0415
 
-            os.makedirs(output, exist_ok=True)
+            storage.makedirs(output)
             for i, image in enumerate(images):
-                path = os.path.join(output, f"sample_{i:06d}.png")
-                Image.fromarray(image).save(path)
+                png = io.BytesIO()
+                Image.fromarray(image).save(png, format="PNG")
+                # Plain writes (no temporary file + fsync per image): a re-run rewrites them all.
+                storage.put(storage.join(output, f"sample_{i:06d}.png"), png.getvalue())
             written.append(output)
     params = run.state.g_ema if generator == "ema" else run.state.g_params
     train_bn = bn_mode == "train"
@@ -120,9 +124,8 @@ def generate(workdir: str, *, checkpoint: str = "latest", generator: str = "ema"
         z = ((1.0 - t) * a[:, None] + t * b[:, None]).reshape(-1, z_dim)
         y = (np.repeat(rng.integers(0, classes, interpolations).astype(np.int32), steps)
              if classes else None)
-        path = interpolation_grid or os.path.join(workdir, "generate",
+        path = interpolation_grid or storage.join(workdir, "generate",
                                                   f"interpolations_{run.which}.png")
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         reporting.save_image_grid(render(z, y), path, nrow=steps)
         written.append(path)
     return {"written": written, "step": run.step, "checkpoint": run.which}
@@ -151,7 +154,7 @@ def main(argv):
                           grid=FLAGS.grid, interpolations=FLAGS.interpolations,
                           steps=FLAGS.steps, interpolation_grid=FLAGS.interpolation_grid)
     except Exception as e:  # noqa: BLE001
-        message = runner.user_error(e, os.path.abspath(FLAGS.workdir or "."))
+        message = runner.user_error(e, storage.resolve(FLAGS.workdir or "."))
         if message is None or FLAGS.verbose:
             raise
         print(f"error: {message}", file=sys.stderr)

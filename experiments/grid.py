@@ -45,6 +45,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from ddst_jax import storage
 from experiments import presets
 from experiments.paper_results import BENCHMARKS
 
@@ -176,8 +177,8 @@ def _finished(workdir: str | None) -> bool:
     if not workdir:
         return False
     try:
-        with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
-            return bool(json.load(f).get("finished"))
+        path = storage.join(workdir, "summary.json")
+        return bool(json.loads(storage.read_text(path)).get("finished"))
     except (OSError, ValueError):
         return False
 

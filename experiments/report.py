@@ -41,14 +41,13 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
-from ddst_jax import reporting, rundir
+from ddst_jax import reporting, rundir, storage
 from experiments import paper_results, presets
 
 METRICS: tuple[tuple[str, str], ...] = (
@@ -111,18 +110,18 @@ class RunResult:
 
 def _evaluation(workdir: str) -> dict[str, Any] | None:
     """The newest ``experiments.evaluate`` JSON of a run's generator, or None."""
-    folder = os.path.join(workdir, "eval")
-    if not os.path.isdir(folder):
+    folder = storage.join(workdir, "eval")
+    if not storage.isdir(folder):
         return None
     found = []
-    for name in os.listdir(folder):
+    for name in storage.listdir(folder):
         if name.endswith(".json"):
             try:
-                result = _read_json(os.path.join(folder, name))
+                result = _read_json(storage.join(folder, name))
             except (OSError, ValueError):
                 continue
             if result and result.get("protocol", {}).get("source") == "generator":
-                found.append((os.path.getmtime(os.path.join(folder, name)), name, result))
+                found.append((storage.mtime(storage.join(folder, name)), name, result))
     return max(found)[2] if found else None
 
 
@@ -141,13 +140,13 @@ def find_runs(paths: Iterable[str]) -> list[str]:
     """Run directories (holding ``config.json``) at or below each path, in order, no repeats."""
     found: list[str] = []
     for path in paths:
-        if not os.path.isdir(path):
+        if not storage.isdir(path):
             raise FileNotFoundError(f"{path} is not a directory.")
-        if os.path.exists(os.path.join(path, "config.json")):
+        if storage.exists(storage.join(path, "config.json")):
             hits = [path]
         else:
             hits = []
-            for root, dirs, files in os.walk(path):
+            for root, dirs, files in storage.walk(path):
                 dirs[:] = sorted(d for d in dirs if d not in ("checkpoints", "tensorboard",
                                                               "samples", "plots"))
                 if "config.json" in files:
@@ -157,16 +156,15 @@ def find_runs(paths: Iterable[str]) -> list[str]:
                 raise FileNotFoundError(
                     f"No run directory (one holding config.json) at or below {path}.")
         for hit in hits:
-            if os.path.abspath(hit) not in {os.path.abspath(f) for f in found}:
+            if storage.resolve(hit) not in {storage.resolve(f) for f in found}:
                 found.append(hit)
     return found
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 def _get(config: Any, dotted: str, default: Any = None) -> Any:
@@ -186,8 +184,8 @@ def benchmark_of(config: dict[str, Any]) -> str:
 
 
 def _metric_rows(workdir: str) -> list[dict[str, Any]]:
-    path = os.path.join(workdir, reporting.JSONL_NAME)
-    return reporting.read_jsonl(path) if os.path.exists(path) else []
+    path = storage.join(workdir, reporting.JSONL_NAME)
+    return reporting.read_jsonl(path) if storage.exists(path) else []
 
 
 def _finite(x: Any) -> bool:
@@ -220,8 +218,8 @@ def _flops(workdir: str) -> float:
 def load_run(workdir: str, *, with_flops: bool = True) -> RunResult:
     """Read one run directory (``ValueError`` if it is not a readable run)."""
     try:
-        config = _read_json(os.path.join(workdir, "config.json"))
-        summary = _read_json(os.path.join(workdir, "summary.json"))
+        config = _read_json(storage.join(workdir, "config.json"))
+        summary = _read_json(storage.join(workdir, "summary.json"))
     except (OSError, ValueError) as e:
         raise ValueError(f"{workdir}: unreadable config.json / summary.json ({e}).") from e
     if config is None:
@@ -479,7 +477,7 @@ def build_report(paths: Sequence[str], out: str | None = "report", *,
                  "plot": None}
         if out is not None:
             name = bench.replace("/", "_")
-            entry["plot"] = plot_benchmark(bench, group, os.path.join(out, f"{name}_curves.png"))
+            entry["plot"] = plot_benchmark(bench, group, storage.join(out, f"{name}_curves.png"))
         entries.append(entry)
     return {"benchmarks": entries, "unfinished": unfinished, "errors": errors}
 
@@ -520,11 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     text = format_report(report)
     blob = json.dumps(reporting.to_jsonable(report), indent=None)
-    os.makedirs(args.out, exist_ok=True)
-    reporting._atomic_write(os.path.join(args.out, "report.txt"), lambda f: f.write(text + "\n"),
-                            mode="w")
-    reporting._atomic_write(os.path.join(args.out, "report.json"), lambda f: f.write(blob + "\n"),
-                            mode="w")
+    storage.write_text(storage.join(args.out, "report.txt"), text + "\n")
+    storage.write_text(storage.join(args.out, "report.json"), blob + "\n")
     print(blob if args.json else text)
     return 0
 

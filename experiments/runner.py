@@ -75,8 +75,11 @@ def _os_error(e: BaseException) -> OSError | None:
 
 
 def _last_checkpoint(workdir: str) -> int | None:
-    steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))
-             if n.isdigit()] if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
+    from ddst_jax import storage
+
+    folder = storage.join(workdir, "checkpoints")
+    steps = [int(n) for n in storage.listdir(folder) if n.isdigit()] \
+        if storage.isdir(folder) else []
     return max(steps) if steps else None
 
 
@@ -233,7 +236,9 @@ def main_with_config(config_file: str) -> None:
             summary = train.train_and_evaluate(config, workdir,
                                                allow_changes=flags.FLAGS.change, stop=stop)
         except Exception as e:  # noqa: BLE001
-            message = user_error(e, os.path.abspath(workdir))
+            from ddst_jax import storage
+
+            message = user_error(e, storage.resolve(workdir))
             if message is None or verbose:
                 raise
             print(f"error: {message}", file=sys.stderr)

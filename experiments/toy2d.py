@@ -27,7 +27,6 @@ with means over seeds (a non-finite mean is ``null``). The default (ring, 5 meth
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import warnings
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-from ddst_jax import reporting, toy2d
+from ddst_jax import reporting, storage, toy2d
 
 _DEFAULTS = toy2d.ToyConfig()
 METRIC_KEYS = ("modes_covered", "high_quality", "br", "d_density")
@@ -125,8 +124,7 @@ def plot_samples(path: str, dataset: str, runs: Sequence[Mapping[str, Any]],
         ax.title.set_fontsize(8)
         ax.tick_params(labelsize=7)
     figure.suptitle(title, fontsize=10)
-    figure.savefig(path, format="png", dpi=110)
-    return path
+    return storage.atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=110))
 
 
 def plot_curves(path: str, curves: Mapping[str, Sequence[Mapping[str, np.ndarray]]],
@@ -153,8 +151,7 @@ def plot_curves(path: str, curves: Mapping[str, Sequence[Mapping[str, np.ndarray
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    figure.savefig(path, format="png", dpi=110)
-    return path
+    return storage.atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=110))
 
 
 # ----------------------------------------------------------------------------- report
@@ -194,7 +191,7 @@ def main(argv: Sequence[str]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     workdir = _WORKDIR.value
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     seeds = range(_SEEDS.value)
     start = time.perf_counter()
     per_seed: dict[str, list[dict[str, Any]]] = {}
@@ -209,13 +206,13 @@ def main(argv: Sequence[str]) -> None:
             runs.append({"seed": seed, **{k: r[k] for k in keep}})
         per_seed[method] = [{k: r[k] for k in ("seed", *METRIC_KEYS, *EXTRA_KEYS)} for r in runs]
         curves[method] = [r["curves"] for r in runs]
-        plot_samples(os.path.join(workdir, f"samples_{method}.png"), config.dataset, runs,
+        plot_samples(storage.join(workdir, f"samples_{method}.png"), config.dataset, runs,
                      f"{method} ({config.dataset}, d_G = {config.g_density})")
         logging.info("%s: %d seeds in %.1f s", method, len(runs), time.perf_counter() - t0)
-    plot_curves(os.path.join(workdir, "curves.png"), curves, config.band)
+    plot_curves(storage.join(workdir, "curves.png"), curves, config.band)
     summaries = {m: summarise(rows) for m, rows in per_seed.items()}
     num_modes = len(toy2d.mode_centres(config.dataset))
-    reporting.write_summary(os.path.join(workdir, "results.json"), {
+    reporting.write_summary(storage.join(workdir, "results.json"), {
         "config": {**vars(config), "seeds": _SEEDS.value, "num_samples": _SAMPLES.value,
                    "min_mode_fraction": _MIN_FRACTION.value, "eval_ema": _EVAL_EMA.value},
         "per_seed": per_seed, "summary": summaries,

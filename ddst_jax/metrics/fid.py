@@ -16,6 +16,7 @@ Reference statistics are stored in TTUR's ``.npz`` format: arrays ``mu`` (D,) an
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from typing import Any
@@ -23,6 +24,8 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 import scipy.special
+
+from ddst_jax import storage
 
 __all__ = [
     "feature_statistics",
@@ -184,24 +187,25 @@ def inception_score(logits: Any, splits: int = 10) -> tuple[float, float]:
 def save_statistics(path: str | os.PathLike[str], mu: Any, sigma: Any) -> None:
     """Writes reference statistics in TTUR's format: an ``.npz`` with ``mu`` and ``sigma``.
 
-    The file is written exactly at ``path`` (no ``.npz`` suffix is appended).
+    The file is written exactly at ``path`` (no ``.npz`` suffix is appended), atomically; it
+    may be a bucket URI (``ddst_jax.storage``).
     """
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     d = mu.shape[0] if mu.ndim == 1 else -1
     if mu.ndim != 1 or sigma.shape != (d, d):
         raise ValueError(f"expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}.")
-    with open(path, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma)
+    storage.atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 
 def load_statistics(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Reads ``mu`` (D,) and ``sigma`` (D, D) (float64) from a TTUR/pytorch-fid ``.npz`` file."""
-    if not os.path.isfile(path):
+    """Reads ``mu`` (D,) and ``sigma`` (D, D) (float64) from a TTUR/pytorch-fid ``.npz`` file
+    (a local path or a bucket URI)."""
+    if not storage.isfile(path):
         raise FileNotFoundError(
             f"FID reference statistics {os.fspath(path)!r} do not exist; compute them with "
             "python -m experiments.fid_stats --dataset=... --output=FILE.npz"
         )
-    with np.load(path, allow_pickle=False) as f:
+    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as f:
         missing = [k for k in ("mu", "sigma") if k not in f.files]
         if missing:
             raise ValueError(

@@ -57,6 +57,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from ddst_jax import storage
+
 Path = tuple[str, ...]
 #: Per-leaf densities: a mapping ``path -> density`` (tuple keys or ``'a/b/kernel'`` strings) or a
 #: nested mapping like the params tree whose leaves are densities, or masks (their mean is used).
@@ -545,34 +547,33 @@ def read_density_log(
       change of that network (the first at iteration 0).
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, DENSITY_LOG_FILE)
-    if not os.path.exists(path):
+    if storage.isdir(path):
+        path = storage.join(path, DENSITY_LOG_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(
             f"No density log at {path}; the training runner writes {DENSITY_LOG_FILE} into the "
             "run directory (format in the ddst_jax.metrics.flops docstring)."
         )
     logs: dict[str, list[tuple[int, dict[Path, float]]]] = {"g": [], "d": []}
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                iteration = int(row["iteration"])
-                dens = {net: flatten_densities(row[net]) for net in ("g", "d")}
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(
-                    f"{path}:{line_no}: not a density-log row {{'iteration', 'g', 'd'}} ({e})."
-                ) from e
-            changed = row.get("changed")
-            for net in ("g", "d"):
-                log = logs[net]
-                is_change = net in changed if changed is not None else (
-                    not log or log[-1][1] != dens[net]
-                )
-                if not log or is_change:
-                    log.append((iteration, dens[net]))
+    for line_no, line in enumerate(storage.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            iteration = int(row["iteration"])
+            dens = {net: flatten_densities(row[net]) for net in ("g", "d")}
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{path}:{line_no}: not a density-log row {{'iteration', 'g', 'd'}} ({e})."
+            ) from e
+        changed = row.get("changed")
+        for net in ("g", "d"):
+            log = logs[net]
+            is_change = net in changed if changed is not None else (
+                not log or log[-1][1] != dens[net]
+            )
+            if not log or is_change:
+                log.append((iteration, dens[net]))
     if not logs["g"]:
         raise ValueError(f"{path} holds no rows.")
     return logs["g"], logs["d"]
