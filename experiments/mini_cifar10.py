@@ -40,6 +40,7 @@ seeds); ``--json`` also prints, as the last line, one object ``{"<method>": {"sw
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -49,6 +50,8 @@ from typing import Any
 
 import numpy as np
 from absl import app, flags
+
+from ddst_jax import storage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "cifar10_subset.npz")
@@ -159,7 +162,7 @@ def real_sets(data_path: str, num_eval: int, seed: int = 0) -> tuple[np.ndarray,
         images, _ = train.read(np.arange(len(train)))
         held_out = None
     else:
-        with np.load(data_path) as f:
+        with np.load(io.BytesIO(storage.read_bytes(data_path))) as f:
             images = f["train_images"]
             held_out = f["test_images"] if "test_images" in f else None
     rng = np.random.default_rng(seed)
@@ -180,7 +183,7 @@ def br_summary(workdir: str, settings: Mapping[str, int]) -> dict[str, Any]:
     """Median windowed BR over the run's second half, final D density, and the curves."""
     from ddst_jax import reporting
 
-    rows = reporting.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    rows = reporting.read_jsonl(storage.join(workdir, "metrics.jsonl"))
     steps, br = reporting.scalar_series(rows, "br/windowed")
     _, density = reporting.scalar_series(rows, "density/d")
     # The window is full from iteration br_window on.
@@ -289,8 +292,7 @@ def plot_curves(path: str, curves: Mapping[str, Sequence[Mapping[str, list[float
     axes[0].set(xlabel="iteration", ylabel="windowed BR", yscale="log")
     axes[1].set(xlabel="iteration", ylabel="D density")
     axes[1].legend(fontsize=7)
-    figure.savefig(path, format="png", dpi=110)
-    return path
+    return storage.atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=110))
 
 
 def main(argv: Sequence[str]) -> None:
@@ -307,7 +309,7 @@ def main(argv: Sequence[str]) -> None:
         unknown = [m for m in FLAGS.methods if m not in METHODS]
         if unknown or not FLAGS.methods:
             raise ValueError(f"--methods: unknown {unknown}; use some of {list(METHODS)}.")
-        if FLAGS.data != "tfds" and not os.path.exists(FLAGS.data):
+        if FLAGS.data != "tfds" and not storage.exists(FLAGS.data):
             raise ValueError(f"--data={FLAGS.data}: no such file. Give an npz with uint8 "
                              "train_images (N, 32, 32, 3) (and test_images), or --data=tfds.")
         from ddst_jax import train
@@ -325,9 +327,10 @@ def main(argv: Sequence[str]) -> None:
     from ddst_jax.metrics import swd
 
     workdir = FLAGS.workdir
-    os.makedirs(workdir, exist_ok=True)
-    # Seeds of one method compile the same programs: reuse them across runs.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    storage.makedirs(workdir)
+    # Seeds of one method compile the same programs: reuse them across runs (JAX's cache
+    # takes a gs:// folder too).
+    jax.config.update("jax_compilation_cache_dir", storage.join(workdir, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     start = time.perf_counter()
     reference = swd.compute_descriptors(reference_images, jax.random.key(0))
@@ -336,7 +339,7 @@ def main(argv: Sequence[str]) -> None:
     for method in FLAGS.methods:
         rows, grids = [], []
         for seed in range(settings["seeds"]):
-            r = run_one(method, seed, settings, os.path.join(workdir, f"{method}_seed{seed}"),
+            r = run_one(method, seed, settings, storage.join(workdir, f"{method}_seed{seed}"),
                         g_density=FLAGS.g_density, lr=FLAGS.lr, data_path=FLAGS.data)
             row = {"seed": seed, **swd_scores(r["samples"], reference), "br": r["br"],
                    "d_density": r["d_density"], "train_seconds": r["train_seconds"]}
@@ -350,14 +353,14 @@ def main(argv: Sequence[str]) -> None:
                           f"d_D {row['d_density']:.3f} ({r['train_seconds']:.0f} s)")
         per_seed[method] = rows
         reporting.save_image_grid(np.concatenate(grids),
-                                  os.path.join(workdir, f"samples_{method}.png"), nrow=8)
+                                  storage.join(workdir, f"samples_{method}.png"), nrow=8)
     real = {"seed": 0, **swd_scores(train_images, reference)}
     if FLAGS.inception_weights:
         real.update(inception_scores(train_images, reference_images, FLAGS.inception_weights))
     per_seed["real"] = [real]
-    plot_curves(os.path.join(workdir, "curves.png"), curves, (0.45, 0.55))
+    plot_curves(storage.join(workdir, "curves.png"), curves, (0.45, 0.55))
     summaries = {m: summarise(rows) for m, rows in per_seed.items()}
-    reporting.write_summary(os.path.join(workdir, "results.json"), {
+    reporting.write_summary(storage.join(workdir, "results.json"), {
         "settings": {**settings, "g_density": FLAGS.g_density, "lr": FLAGS.lr,
                      "data": FLAGS.data, "methods": FLAGS.methods},
         "per_seed": per_seed, "summary": summaries,
