@@ -70,10 +70,16 @@ def prepare_workdir(workdir: str) -> str:
     """
     path = storage.resolve(workdir)
     if storage.is_remote(path):
-        if storage.isfile(path):
+        try:
+            is_file = storage.isfile(path)
+            if not is_file:
+                storage.makedirs(path)
+        except ImportError as e:  # e.g. fsspec without gcsfs: "Install gcsfs to access ..."
+            raise WorkdirUnusable(f"--workdir {path} needs a filesystem package that is not "
+                                  f"installed ({e}): pip install -e '.[cloud]'.") from None
+        if is_file:
             raise WorkdirUnusable(f"--workdir {path} is a file, not a directory: pass a "
                                   "directory (a prefix in the bucket).")
-        storage.makedirs(path)
         return path
     if os.path.exists(path) and not os.path.isdir(path):
         raise WorkdirUnusable(f"--workdir {path} is a file, not a directory: pass a directory "

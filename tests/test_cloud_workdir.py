@@ -192,6 +192,19 @@ def test_bucket_lock_is_a_marker_refusing_a_live_holder_on_this_host(bucket):
     assert not storage.exists(storage.join(workdir, rundir.LOCK_NAME))
 
 
+def test_bucket_workdir_without_its_filesystem_package_is_one_line(bucket, monkeypatch):
+    def missing(*args, **kwargs):
+        raise ImportError("Install gcsfs to access Google Storage")  # fsspec's own words
+
+    with monkeypatch.context() as m:
+        m.setattr(bucket, "exists", missing)
+        with pytest.raises(rundir.WorkdirUnusable, match=r"gcsfs.*pip install -e '\.\[cloud\]'"):
+            rundir.prepare_workdir("gs://b/run")
+    storage.write_text("gs://b/file", "x")
+    with pytest.raises(rundir.WorkdirUnusable, match="is a file"):
+        rundir.prepare_workdir("gs://b/file")
+
+
 def test_a_run_in_a_bucket_writes_everything_there_and_resumes(bucket, monkeypatch):
     workdir = "gs://test-bucket/runs/smoke"
     # One device: the 8-device mesh would only add compile time; the mesh is not under test.
