@@ -17,6 +17,7 @@ jax.config.update("jax_compilation_cache_dir",
                                  os.path.join(tempfile.gettempdir(), "ddst_jax_test_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-# Run as separate processes by tests/test_multiprocess.py and tests/test_fault_injection.py;
-# importing them here would reconfigure this session's devices.
-collect_ignore = ["tests/multiprocess_worker.py", "tests/lock_worker.py"]
+# Run as separate processes by tests/test_multiprocess.py, tests/test_fault_injection.py and
+# tests/test_resume_devices.py; importing them here would reconfigure this session's devices.
+collect_ignore = ["tests/multiprocess_worker.py", "tests/lock_worker.py",
+                  "tests/resume_devices_worker.py"]

@@ -195,11 +195,30 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     sizes = {"train.batch_size_g": t.batch_size_g, "train.batch_size_d": t.batch_size_d}
     if e.every:
         sizes["eval.batch_size"] = e.batch_size
+    usable = usable_device_count(list(sizes.values()), min(devices, visible), processes)
     for name, size in sizes.items():
+        # A run resumed on other hardware keeps its batch sizes (they are part of the run), so
+        # the fix to name first is the device count, not the batch.
+        on_fewer = (f"run on {usable} of them with --config.parallel.num_devices={usable}, or "
+                    if usable else "")
         _require(size > 0 and size % devices == 0 and size % processes == 0, name,
                  f"{size} is not divisible by the {devices} devices / {processes} processes; "
-                 "use a multiple of the device count.")
+                 f"{on_fewer}use a multiple of the device count (in a resumed run, with "
+                 f"--change={name}).")
     return spec
+
+
+def usable_device_count(batch_sizes: list[int], visible: int, processes: int = 1) -> int | None:
+    """The most devices (<= ``visible``, a multiple of ``processes``) that split every batch.
+
+    Data parallelism gives each device ``batch / devices`` examples, so every global batch size
+    must be a multiple of the device count. None if only a batch change would do.
+
+    >>> usable_device_count([12, 64], visible=8)
+    4
+    """
+    return next((n for n in range(visible, 0, -1)
+                 if n % processes == 0 and all(b > 0 and b % n == 0 for b in batch_sizes)), None)
 
 
 # ----------------------------------------------------------------------------- setup

@@ -5,18 +5,12 @@
 
 import os
 import sys
-import tempfile
 
-import jax
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fake_devices import use_fake_cpu_devices  # noqa: E402
 
 # Before any computation: 4 fake CPU devices per process, 8 in the 2-process cluster.
-jax.config.update("jax_num_cpu_devices", 4)
-# The test session's compilation cache (see conftest.py): the resumed run reuses the programs.
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("DDST_TEST_JAX_CACHE",
-                                 os.path.join(tempfile.gettempdir(), "ddst_jax_test_cache")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+use_fake_cpu_devices(4)
 
 from test_multiprocess import MP_OVERRIDES  # noqa: E402
 from test_train import _StopAfter, tiny_config  # noqa: E402

@@ -56,8 +56,9 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def restore_final(workdir, config):
-    """The final checkpointed state of a run (restored into a fresh abstract target)."""
+def restore_final(workdir, config, step=None):
+    """The final (or ``step``'s) checkpointed state of a run, restored into a fresh abstract
+    target on the mesh of ``config.parallel.num_devices``."""
     spec = train.validate_config(config)
     setup = train.build_setup(config, spec)
     init_fn, _, replicated = train.compile_fns(setup, config,
@@ -65,7 +66,7 @@ def restore_final(workdir, config):
     abstract = checkpoint.abstract_state(jax.eval_shape(init_fn, jax.random.key(config.seed)),
                                          sharding=replicated)
     with checkpoint.Checkpointer(workdir) as ckpt:
-        return ckpt.restore(abstract), setup
+        return ckpt.restore(abstract, step=step), setup
 
 
 METHODS = {
