@@ -52,15 +52,18 @@ def random_variables(key: jax.Array) -> dict[str, Any]:
         key, jnp.zeros((1, inception.INPUT_SIZE, inception.INPUT_SIZE, 3)))
 
 
-def inception_rows(variables: Any, batch: int, batches: int, reps: int, size: int
-                   ) -> list[dict[str, Any]]:
-    """images/s of ``inception.features`` per resize mode (compile excluded)."""
+def inception_rows(variables: Any, batch: int, batches: int, reps: int, size: int,
+                   modes: tuple[str, ...] = inception.RESIZE_MODES) -> list[dict[str, Any]]:
+    """images/s of ``inception.features`` per resize mode in ``modes`` (compile excluded; the
+    compile and first call, in ``compile_s``)."""
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3),
                                                             dtype=np.uint8))
-    calls = {}
-    for mode in inception.RESIZE_MODES:
+    calls, first_call_s = {}, {}
+    for mode in modes:
         fn = jax.jit(lambda v, x, mode=mode: inception.features(v, x, resize=mode))
+        t0 = time.perf_counter()
         jax.block_until_ready(fn(variables, images))  # compile + warm-up
+        first_call_s[mode] = time.perf_counter() - t0
 
         def run(fn=fn):
             return [fn(variables, images) for _ in range(batches)]
@@ -72,7 +75,8 @@ def inception_rows(variables: Any, batch: int, batches: int, reps: int, size: in
         per_image = statistics.median(times) / (batch * batches)
         rows.append({"row": f"inception {mode}", "seconds": statistics.median(times),
                      "images_per_s": 1.0 / per_image,
-                     "eval_50k_hours": 2 * EVAL_IMAGES * per_image / 3600})
+                     "eval_50k_hours": 2 * EVAL_IMAGES * per_image / 3600,
+                     "compile_s": first_call_s[mode]})  # compile + first call
     return rows
 
 

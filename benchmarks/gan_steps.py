@@ -29,11 +29,16 @@ from benchmarks.common import interleaved_times
 from ddst_jax.gan import conv, losses
 from ddst_jax.gan.models import build_models
 
-_BATCH = flags.DEFINE_integer("batch", 64, "B: real and fake images of the D step; G batch.")
-_REPS = flags.DEFINE_integer("reps", 5, "Timed rounds (median reported).")
-_IMPLS = flags.DEFINE_list("impls", ["xla", "gemm"], "Convolution implementations to compare.")
-_G_CH = flags.DEFINE_integer("g_ch", 256, "G width.")
-_D_CH = flags.DEFINE_integer("d_ch", 128, "D width.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    # Defined only when run as a script, so benchmarks.accelerator can import make_steps.
+    flags.DEFINE_integer("batch", 64, "B: real and fake images of the D step; G batch.")
+    flags.DEFINE_integer("reps", 5, "Timed rounds (median reported).")
+    flags.DEFINE_list("impls", ["xla", "gemm"], "Convolution implementations to compare.")
+    flags.DEFINE_integer("g_ch", 256, "G width.")
+    flags.DEFINE_integer("d_ch", 128, "D width.")
 
 
 def make_steps(batch: int, g_ch: int, d_ch: int):
@@ -75,11 +80,13 @@ def make_steps(batch: int, g_ch: int, d_ch: int):
             "G step": (g_step, g_vars["params"])}
 
 
-def main(argv):
-    del argv
-    steps = make_steps(_BATCH.value, _G_CH.value, _D_CH.value)
+def compile_steps(steps: dict, impls: list[str]) -> tuple[dict, dict]:
+    """Each step of ``make_steps`` compiled per convolution implementation, and warmed up.
+
+    Returns ``(compiled, compile_s)``, both keyed by ``(step name, impl)``.
+    """
     compiled, compile_s = {}, {}
-    for impl in _IMPLS.value:
+    for impl in impls:
         for name, (fn, arg) in steps.items():
             with conv.auto_impl(impl):
                 t0 = time.perf_counter()
@@ -87,12 +94,23 @@ def main(argv):
                 compiled[name, impl] = jax.jit(lambda a, f=fn: f(a)).lower(arg).compile()
                 compile_s[name, impl] = time.perf_counter() - t0
             jax.block_until_ready(compiled[name, impl](arg))  # warm-up
-    times, cpu = interleaved_times(
-        {key: (lambda f=fn, a=steps[key[0]][1]: f(a)) for key, fn in compiled.items()},
-        _REPS.value)
-    print(f"backend={jax.default_backend()} batch={_BATCH.value} G ch {_G_CH.value} / D ch "
-          f"{_D_CH.value}, medians of {_REPS.value} interleaved rounds")
-    first = _IMPLS.value[0]
+    return compiled, compile_s
+
+
+def time_steps(steps: dict, compiled: dict, reps: int) -> tuple[dict, dict]:
+    """Wall and CPU seconds per call of every compiled step, interleaved (``interleaved_times``)."""
+    return interleaved_times(
+        {key: (lambda f=fn, a=steps[key[0]][1]: f(a)) for key, fn in compiled.items()}, reps)
+
+
+def main(argv):
+    del argv
+    steps = make_steps(FLAGS.batch, FLAGS.g_ch, FLAGS.d_ch)
+    compiled, compile_s = compile_steps(steps, FLAGS.impls)
+    times, cpu = time_steps(steps, compiled, FLAGS.reps)
+    print(f"backend={jax.default_backend()} batch={FLAGS.batch} G ch {FLAGS.g_ch} / D ch "
+          f"{FLAGS.d_ch}, medians of {FLAGS.reps} interleaved rounds")
+    first = FLAGS.impls[0]
     print(f"{'step':<12} {'conv impl':<10} {'median ms':>10} {'vs ' + first:>9} "
           f"{'CPU ms':>8} {'vs ' + first:>9} {'compile s':>10}  all ms")
     for (name, impl), ts in times.items():
@@ -106,4 +124,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -165,7 +165,7 @@ class MethodBench:
     pairs: dict[str, tuple[frozenset[str], frozenset[str]]]
 
 
-def _full_window(state: steps.TrainState) -> steps.TrainState:
+def full_window(state: steps.TrainState) -> steps.TrainState:
     """``state`` with a full BR window of ``WINDOW_BR``: the controller's decision then acts."""
     window = state.br_window
     full = balance.BRWindow(jnp.full_like(window.ratios, WINDOW_BR),
@@ -184,7 +184,7 @@ def build_method(method: str, sizes: dict[str, int], real: jax.Array, labels: ja
     init_fn, iterate, replicated = train.compile_fns(setup, config, train.make_mesh(1))
     state = init_fn(jax.random.key(0))
     if setup.sparsity.method.d_control != "static":
-        state = jax.device_put(_full_window(state), replicated)
+        state = jax.device_put(full_window(state), replicated)
     t0 = time.perf_counter()
     compiled = iterate.lower(state, real, labels).compile()
     compile_s = time.perf_counter() - t0

@@ -21,29 +21,33 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from benchmarks import overheads
 from ddst_jax import train
-from experiments.configs import cifar10 as cifar10_config
 
-_METHODS = flags.DEFINE_list(
-    "methods", ["dense", "static", "sdst", "adapt"], "Methods to time (dense first: ratios).")
-_REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions per kind of iteration.")
-_G_CH = flags.DEFINE_integer("g_ch", 256, "G width.")
-_D_CH = flags.DEFINE_integer("d_ch", 128, "D width.")
-_BATCH_G = flags.DEFINE_integer("batch_g", 128, "G batch.")
-_BATCH_D = flags.DEFINE_integer("batch_d", 64, "D batch.")
-_DEVICES = flags.DEFINE_integer("num_devices", 1, "Devices of the data mesh.")
-_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
-                          "Models' computation dtype (config.model.compute_dtype).")
+FLAGS = flags.FLAGS
 
 
-def _config(method: str):
-    c = cifar10_config.get_config()
-    c.model.g_ch, c.model.d_ch = _G_CH.value, _D_CH.value
-    c.train.batch_size_g, c.train.batch_size_d = _BATCH_G.value, _BATCH_D.value
-    c.sparsity.method = method
-    c.data.source = "synthetic"
-    c.parallel.num_devices = _DEVICES.value
-    c.model.compute_dtype = _DTYPE.value
+def _define_flags() -> None:
+    # Defined only when run as a script, so benchmarks.accelerator can import bench.
+    flags.DEFINE_list("methods", ["dense", "static", "sdst", "adapt"],
+                      "Methods to time (dense first: ratios).")
+    flags.DEFINE_integer("reps", 3, "Timed repetitions per kind of iteration.")
+    flags.DEFINE_integer("g_ch", 256, "G width.")
+    flags.DEFINE_integer("d_ch", 128, "D width.")
+    flags.DEFINE_integer("batch_g", 128, "G batch.")
+    flags.DEFINE_integer("batch_d", 64, "D batch.")
+    flags.DEFINE_integer("num_devices", 1, "Devices of the data mesh.")
+    flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                      "Models' computation dtype (config.model.compute_dtype).")
+
+
+def make_config(method: str, *, g_ch: int, d_ch: int, batch_g: int, batch_d: int,
+                n_dis: int = 5, num_devices: int = 1, compute_dtype: str = "float32"):
+    """The CIFAR-10 config (schedules untouched) at these sizes, synthetic data, on
+    ``num_devices`` devices with ``compute_dtype`` activations."""
+    c = overheads.make_config(method, g_ch, d_ch, batch_g, batch_d, n_dis)
+    c.parallel.num_devices = num_devices
+    c.model.compute_dtype = compute_dtype
     return c
 
 
@@ -61,15 +65,21 @@ def _at_step(state, step: int):
     return state.replace(step=jnp.asarray(step, jnp.int32))
 
 
-def bench(method: str, reps: int) -> dict[str, float]:
-    config = _config(method)
+def bench(config, reps: int) -> dict[str, float]:
+    """Compile ``config``'s iteration (as the runner does) and time three kinds of iteration.
+
+    Returns seconds: ``compile_s`` and the medians over ``reps`` calls of an ordinary iteration
+    (``plain_s``), one that measures BR (``br_s``) and one that also updates G's masks
+    (``update_s``; = an ordinary+BR iteration for methods whose G masks do not move).
+    """
     spec = train.validate_config(config)
     setup = train.build_setup(config, spec)
     mesh = train.make_mesh(config.parallel.num_devices)
     init_fn, iterate, _ = train.compile_fns(setup, config, mesh)
     state = init_fn(jax.random.key(0))
+    size = config.data.image_size
     real = jax.random.uniform(jax.random.key(1), (config.train.n_dis, config.train.batch_size_d,
-                                                  32, 32, 3), minval=-1.0, maxval=1.0)
+                                                  size, size, 3), minval=-1.0, maxval=1.0)
     labels = jnp.zeros(real.shape[:2], jnp.int32)
     t0 = time.perf_counter()
     compiled = iterate.lower(state, real, labels).compile()
@@ -89,17 +99,20 @@ def bench(method: str, reps: int) -> dict[str, float]:
 def main(argv):
     del argv
     print(f"backend={jax.default_backend()} devices={jax.device_count()} "
-          f"G ch {_G_CH.value} / D ch {_D_CH.value}, batch G {_BATCH_G.value} / "
-          f"D {_BATCH_D.value}, n_dis 5, {_DTYPE.value} compute, medians of {_REPS.value}")
+          f"G ch {FLAGS.g_ch} / D ch {FLAGS.d_ch}, batch G {FLAGS.batch_g} / "
+          f"D {FLAGS.batch_d}, n_dis 5, {FLAGS.compute_dtype} compute, medians of {FLAGS.reps}")
     print(f"{'method':<8} {'compile s':>10} {'iter s':>9} {'it/s':>7} {'vs first':>9} "
           f"{'+BR s':>8} {'+BR+mask upd s':>15}", flush=True)
     base = None
-    for m in _METHODS.value:  # one row as soon as a method is done: full size is slow on CPU
-        r = bench(m, _REPS.value)
+    for m in FLAGS.methods:  # one row as soon as a method is done: full size is slow on CPU
+        r = bench(make_config(m, g_ch=FLAGS.g_ch, d_ch=FLAGS.d_ch, batch_g=FLAGS.batch_g,
+                              batch_d=FLAGS.batch_d, num_devices=FLAGS.num_devices,
+                              compute_dtype=FLAGS.compute_dtype), FLAGS.reps)
         base = base or r["plain_s"]
         print(f"{m:<8} {r['compile_s']:>10.1f} {r['plain_s']:>9.3f} {1 / r['plain_s']:>7.3f} "
               f"{r['plain_s'] / base:>9.3f} {r['br_s']:>8.3f} {r['update_s']:>15.3f}", flush=True)
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -1,10 +1,12 @@
 """The benchmark scripts run end to end at tiny sizes and print the tables they promise.
 
-Each script runs as its own process, as a user runs it (``python -m benchmarks.X``): the
-existing scripts define their absl flags at import, so two of them cannot share a process.
+Each script runs as its own process, as a user runs it (``python -m benchmarks.X``): absl
+flags are process-wide, and some scripts (conv_layers, input_pipeline) define theirs at import.
 Nothing here asserts a timing; the machine is shared and the sizes are tiny.
 """
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -228,3 +230,113 @@ def test_eval_speed_metric_rows_and_table():
     assert lines[0].split() == ["row", "median", "s", "images/s", "50k", "eval", "h"]
     assert lines[1].split() == ["inception", "tf1", "2.00", "100.0", "0.28"]
     assert len(lines) == 6 and all(line.split()[-2] == "-" for line in lines[2:])
+
+
+# ----------------------------------------------------------------------------- accelerator.py
+
+
+def test_accelerator_cli_tiny_rows_agree_exactly_on_cpu():
+    # The rows a lent device needs most; their programs are the overheads test's (cached).
+    # The conv and Inception rows are checked in-process below; all rows: BUILD_NOTES.
+    from benchmarks import accelerator
+
+    out = _cli("accelerator", "--tiny", "--json", "--only=agreement,dense-float32,adapt-float32")
+    header, columns, *table, last = out.strip().splitlines()
+    assert header.startswith("cpu ") and "G 8 / D 8, batch G 4 / D 2, n_dis 1" in header
+    assert columns.split()[:4] == ["check", "setting", "value", "unit"]
+    rows = json.loads(last)["rows"]
+    assert len(table) == len(rows)
+    assert [r["check"] for r in rows] == [
+        "agreement loss/d", "agreement loss/g", "agreement BR", "agreement masks", "it/s",
+        "it/s", *["masking overhead"] * 3, *["mask update overhead"] * 2, "peak device memory"]
+    assert not [r for r in rows if "skipped" in r["note"] or "failed" in r["note"]]
+    # No accelerator here: both sides of the comparison are the CPU, so they agree exactly,
+    # over iterations that measure BR, update G's masks and resize D.
+    assert [r["value"] for r in rows[:4]] == [0.0, 0.0, 0.0, 0]
+    assert "t=2,10,500,1000, cpu vs cpu" in rows[0]["setting"]
+    assert rows[3]["note"].endswith("the decision at t=1000 resized D")
+    assert [r["setting"] for r in rows[4:6]] == ["dense float32", "adapt float32"]
+    assert all(r["value"] > 0 and r["compile_s"] > 0 for r in rows[4:6])
+    by_method = {r["setting"].split()[0]: r for r in rows[6:11]}
+    assert math.isfinite(by_method["adapt"]["value"])  # masking, then G's update, for ADAPT
+    assert by_method["static"]["value"] is None and "needs the dense" in by_method["sdst"]["note"]
+    assert rows[-1]["value"] == "n/a"  # CPU keeps no allocator statistics
+    plan, _ = accelerator.plan_tasks(accelerator.PLANS["tiny"], {})  # all rows, none measured
+    assert [t.key for t in plan] == list(accelerator.RUN_ORDER)
+    assert sorted(accelerator.RUN_ORDER) == sorted(accelerator.TABLE_ORDER)
+    assert len(accelerator.TABLE_ORDER) == 11
+
+
+def test_accelerator_conv_and_inception_rows(monkeypatch):
+    from benchmarks import accelerator, eval_speed, gan_steps
+    from ddst_jax.gan import conv
+
+    def stand_in_steps(batch, g_ch, d_ch):  # one 3x3 convolution's gradient per "step"
+        x = jnp.ones((batch, 4, 4, 2))
+
+        def step(w):
+            f = conv.conv_fn("auto")
+            return jax.grad(lambda w: jnp.sum(f(x, w, (1, 1), "SAME", dimension_numbers=(
+                "NHWC", "HWIO", "NHWC")) ** 2))(w)
+
+        w = jnp.ones((3, 3, 2, g_ch))
+        return {"D step": (step, w), "D step 2fwd": (step, w), "G step": (step, w)}
+
+    monkeypatch.setattr(gan_steps, "make_steps", stand_in_steps)
+    rows = accelerator.conv_rows(batch=2, g_ch=3, d_ch=3, reps=1)
+    chosen = conv.resolve_impl("auto")  # 8 devices in this session: lax.conv
+    other = "gemm" if chosen == "xla" else "xla"
+    assert [r["setting"] for r in rows] == [f"G step, batch 2: auto = {chosen}",
+                                            f"D step 2fwd, batch 2: auto = {chosen}"]
+    assert all(r["value"] > 0 and r["note"].startswith(f"{other}: ") for r in rows)
+
+    def stand_in_rows(variables, batch, batches, reps, size, modes):
+        assert (batch, batches, reps, size, modes) == (2, 1, 1, 32, ("pytorch",))
+        return [{"row": "inception pytorch", "seconds": 1.0, "images_per_s": 2.0,
+                 "eval_50k_hours": 0.5, "compile_s": 3.0}]
+
+    monkeypatch.setattr(eval_speed, "random_variables", lambda key: None)
+    monkeypatch.setattr(eval_speed, "inception_rows", stand_in_rows)
+    (fid,) = accelerator.inception_rows(2, 1, 1)
+    assert (fid["value"], fid["unit"], fid["compile_s"]) == (2.0, "images/s", 3.0)
+    assert fid["note"] == "random-initialised weights of the real shapes; 50k eval 30 min"
+
+
+def test_accelerator_budget_skips_rows_not_started_and_failures_stay_rows():
+    from benchmarks import accelerator
+
+    ticks = iter([0.0, 0.0, 5.0, 5.0, 12.0, 12.0])  # start, then (before, after) each task
+
+    def boom():
+        raise MemoryError("RESOURCE_EXHAUSTED: out of memory\nmore detail")
+
+    tasks = [accelerator.Task("a", "it/s", "dense", lambda: [accelerator.row("it/s", "a", 1.0)]),
+             accelerator.Task("b", "it/s", "adapt", boom),
+             accelerator.Task("c", "conv path", "G", lambda: pytest.fail("ran past the budget"))]
+    out = accelerator.run_tasks(tasks, budget_s=10.0, clock=lambda: next(ticks))
+    assert out["a"][0]["value"] == 1.0
+    assert out["b"][0]["note"] == "failed: MemoryError: RESOURCE_EXHAUSTED: out of memory"
+    assert out["c"][0]["note"] == "skipped: 12 s of the 10 s budget spent"
+    assert out["c"][0]["check"] == "conv path" and out["c"][0]["value"] is None
+
+
+def test_accelerator_overheads_need_their_rows_and_diffs_treat_nan():
+    from benchmarks import accelerator
+
+    results = {("dense", "float32"): {"plain_s": 2.0},
+               ("adapt", "float32"): {"plain_s": 2.2, "br_s": 2.3, "update_s": 7.3}}
+    rows = {(r["check"], r["setting"].split()[0]): r
+            for r in accelerator.overhead_rows(results, g_update_every=500)}
+    assert rows["masking overhead", "adapt"]["value"] == pytest.approx(0.1)
+    assert rows["mask update overhead", "adapt"]["value"] == pytest.approx(5.0 / 500 / 2.0)
+    assert rows["masking overhead", "static"]["value"] is None
+    assert "needs the dense" in rows["mask update overhead", "sdst"]["note"]
+    assert accelerator.max_abs_diff([1.0, 2.0], [1.0, float("nan")]) == math.inf
+    assert accelerator.max_abs_diff([float("nan")], [float("nan")]) == 0.0
+    assert accelerator.flag_error(["x", "extra"], 1.0).startswith("error: unexpected")
+    assert accelerator.flag_error(["x"], float("nan")).startswith("error: --budget_s=nan")
+    assert accelerator.flag_error(["x"], 1.0, ["conv", "dense float32"]) == (
+        "error: --only: no rows named dense float32; use some of agreement, dense-float32, "
+        "static-float32, sdst-float32, adapt-float32, dense-bfloat16, static-bfloat16, "
+        "sdst-bfloat16, adapt-bfloat16, conv, inception.")
+    assert accelerator.flag_error(["x"], 1.0, ["conv", "adapt-bfloat16"]) is None
