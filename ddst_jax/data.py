@@ -350,7 +350,8 @@ def _unavailable_message(name: str, data_dir: str | None, why: str) -> str:
             f"Prepare it (no TensorFlow needed; see the docstring of {module}):\n"
             f"  python -m {module} --data_dir={where}\n"
             "  (it reads the archive from <data_dir>/downloads/manual/, or downloads it), or use\n"
-            f"  --config.data.source=npz ({npz})."
+            f"  --config.data.source=npz ({npz}), or generated images:\n"
+            "  --config.data.source=synthetic."
         )
     return (
         f"TFDS dataset {name!r} cannot be read from {where} (config.data.data_dir): {why}.\n"

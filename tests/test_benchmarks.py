@@ -340,3 +340,18 @@ def test_accelerator_overheads_need_their_rows_and_diffs_treat_nan():
         "static-float32, sdst-float32, adapt-float32, dense-bfloat16, static-bfloat16, "
         "sdst-bfloat16, adapt-bfloat16, conv, inception.")
     assert accelerator.flag_error(["x"], 1.0, ["conv", "adapt-bfloat16"]) is None
+
+
+def test_config_runs_table_marks_a_failed_config_and_the_cli_refuses_unknown_names():
+    from benchmarks import config_runs
+
+    lines = config_runs.table([
+        {"config": "stl10", "model": "sngan48", "size": 48, "seconds": 146.04, "ok": True},
+        {"config": "tiny_imagenet", "model": "biggan64", "size": 64, "seconds": 9.0, "ok": False},
+    ]).splitlines()
+    assert lines[1].split() == ["stl10", "sngan48", "48", "146.0", "ok"]
+    assert lines[2].split()[-1] == "FAILED"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.config_runs", "--configs=nope"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --configs: unknown ['nope']")
